@@ -1,0 +1,147 @@
+"""DeltaGrad on MNIST against exact retraining, the setting of the reference code's README.
+
+Regularised multinomial logistic regression, batch 16384, 20 epochs, weight decay 1e-4, lr 0.1 for
+10 epochs then 0.05, float64; DeltaGrad T0=5, j0=20, m=2. Rows: deletion of 0.1% and 1%, addition
+of 0.1%, and a T0 sweep at 0.1% deletion. Retraining and DeltaGrad run alternately in the same
+process (repeats, median), both computing only the weights: neither writes a trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import load_dataset
+from ..errors import ExpungeError
+from ..models import FlatModel, build_model
+from ..recipe import BatchPlan, TrainRecipe
+from ..train import Workspace, train
+from ..trajectory import Trajectory
+from ..unlearn.deltagrad import DeltaGradConfig, deltagrad
+
+RECIPE = TrainRecipe(model="logreg", epochs=20, batch_size=16384, lr=0.1, lr_steps=((10, 0.05),),
+                     weight_decay=1e-4, dtype="float64", seed=0)
+# (task, ratio, T0)
+CASES = [("delete", 0.001, 5), ("delete", 0.01, 5), ("add", 0.001, 5), ("delete", 0.001, 10), ("delete", 0.001, 20)]
+
+
+def _mnist(data_dir: Path):
+    path = data_dir / "mnist" / "mnist.npz"
+    if not path.exists():
+        raise ExpungeError(f"{path} not found; pass --data pointing at the shared data folder (it holds mnist/mnist.npz)")
+    return load_dataset(str(path))
+
+
+def _accuracy(flat: FlatModel, w: torch.Tensor, X: torch.Tensor, y: np.ndarray) -> float:
+    return float((flat.predict(w, X).numpy() == y).mean())
+
+
+def run(data_dir, repeats: int = 3, limit: int | None = None, j0: int = 20, m: int = 2, progress: bool = True) -> list[dict]:
+    """Measure every case; ``limit`` trains on the first rows only (for smoke tests)."""
+    train_set, test_set = _mnist(Path(data_dir))
+    if limit:
+        train_set = train_set.take(np.arange(min(limit, len(train_set))))
+    recipe = RECIPE if not limit else TrainRecipe.from_dict({**RECIPE.to_dict(), "batch_size": max(64, limit // 4)})
+    flat = FlatModel(build_model(recipe, train_set.n_features, 10))
+    plan = BatchPlan.for_recipe(recipe, len(train_set))
+    ws = Workspace(flat, recipe, plan, torch.from_numpy(train_set.X).double(), torch.from_numpy(train_set.y), train_set.ids)
+    X_test = torch.from_numpy(test_set.X).double()
+    w0 = flat.get_flat()
+    n = len(train_set)
+    rng = np.random.default_rng(0)
+    rows, cached = [], {}
+    with tempfile.TemporaryDirectory(prefix="expunge-bench-") as tmp:
+        for task, ratio, T0 in CASES:
+            k = max(1, int(round(ratio * n)))
+            changed = rng.choice(n, k, replace=False) if (task, ratio) not in cached else cached[(task, ratio)][0]
+            full = np.ones(n, bool)
+            partial = full.copy()
+            partial[changed] = False
+            old_active, new_active = (full, partial) if task == "delete" else (partial, full)
+            if (task, ratio) not in cached:
+                # the model before the request, with its trajectory on disk (memory-mapped, as a run keeps it)
+                traj = Trajectory.create(Path(tmp) / f"{task}-{ratio}", plan.n_iterations, flat.n_params, flat.dtype)
+                w_before = train(ws, old_active, w0, traj, progress=progress)
+                traj.flush()
+                cached[(task, ratio)] = (changed, w_before, Trajectory.open(traj.folder))
+            _, w_before, trajectory = cached[(task, ratio)]
+            config = DeltaGradConfig(T0=T0, j0=j0, m=m)
+            retrain_s, deltagrad_s = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                w_retrain = train(ws, new_active, w0)
+                retrain_s.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                w_dg, figures = deltagrad(ws, old_active, new_active, trajectory, config)
+                deltagrad_s.append(time.perf_counter() - start)
+            r_s, d_s = statistics.median(retrain_s), statistics.median(deltagrad_s)
+            rows.append({
+                "task": task, "ratio": ratio, "T0": T0, "j0": j0, "m": m,
+                "retrain_s": r_s, "deltagrad_s": d_s, "speedup": r_s / d_s,
+                "speedup_bound": figures["speedup_bound"],
+                "dist_full_retrain": float((w_before - w_retrain).norm()),
+                "dist_deltagrad_retrain": float((w_dg - w_retrain).norm()),
+                "acc_retrain": _accuracy(flat, w_retrain, X_test, test_set.y),
+                "acc_deltagrad": _accuracy(flat, w_dg, X_test, test_set.y),
+                "iterations": figures["iterations"], "explicit_iterations": figures["explicit_iterations"],
+                "repeats": repeats, "rows": n,
+            })
+    return rows
+
+
+def table(rows: list[dict]):
+    from rich.table import Table
+
+    t = Table(title="DeltaGrad vs retraining (MNIST logistic regression)")
+    for col in ("task", "ratio", "T0", "retrain s", "DeltaGrad s", "speedup", "bound", "speedup/bound",
+                "|w-w_re|", "|w_dg-w_re|", "dist ratio", "acc re", "acc dg"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["task"], f"{r['ratio']:g}", str(r["T0"]), f"{r['retrain_s']:.3f}", f"{r['deltagrad_s']:.3f}",
+                  f"{r['speedup']:.2f}", f"{r['speedup_bound']:.2f}", f"{r['speedup'] / r['speedup_bound']:.2f}",
+                  f"{r['dist_full_retrain']:.2e}", f"{r['dist_deltagrad_retrain']:.2e}",
+                  f"{r['dist_deltagrad_retrain'] / r['dist_full_retrain']:.4f}",
+                  f"{100 * r['acc_retrain']:.2f}", f"{100 * r['acc_deltagrad']:.2f}")
+    return t
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['task']} {r['ratio']:g}\nT0={r['T0']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(x - 0.2, [r["speedup"] for r in rows], 0.4, label="measured speedup")
+    left.bar(x + 0.2, [r["speedup_bound"] for r in rows], 0.4, label="bound (iterations / explicit)")
+    left.set_xticks(x, labels, fontsize=8)
+    left.set_ylabel("retrain seconds / DeltaGrad seconds")
+    left.legend()
+    right.bar(x - 0.2, [r["dist_full_retrain"] for r in rows], 0.4, label="||w_full - w_retrain||")
+    right.bar(x + 0.2, [r["dist_deltagrad_retrain"] for r in rows], 0.4, label="||w_deltagrad - w_retrain||")
+    right.set_yscale("log")
+    right.set_xticks(x, labels, fontsize=8)
+    right.legend()
+    fig.suptitle("DeltaGrad on MNIST logistic regression (batch 16384, 20 epochs, float64)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None) -> list[dict]:
+    rows = run(data_dir, repeats=repeats, limit=limit, progress=progress)
+    if console is not None:
+        console.print(table(rows))
+    json_out = Path(json_out)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, json_out.with_suffix(".png"))
+    return rows

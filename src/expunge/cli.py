@@ -1,0 +1,307 @@
+"""`expunge` commands. Thin: parse, call the Python API, print with rich, write JSON."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ExpungeError
+
+app = typer.Typer(
+    help="Keep trained models right when their training data changes: train once, then forget or add "
+    "rows without retraining from scratch, with the distance to exact retraining as evidence.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=False)
+errors = Console(stderr=True)
+
+METHOD_HELP = "Update method: deltagrad (fast, approximate, from the cached trajectory) or retrain (exact)."
+JSON_HELP = "Also write the result as JSON to this file ('-' for standard output)."
+
+
+def friendly(command):
+    """Turn ExpungeError into a one-line message and exit code 2, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ExpungeError as e:
+            errors.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _write_json(target: Optional[str], payload) -> None:
+    if target is None:
+        return
+    text = json.dumps(payload, indent=2)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text + "\n")
+
+
+def _parse_lr_steps(steps: list[str]) -> tuple[tuple[int, float], ...]:
+    parsed = []
+    for step in steps:
+        try:
+            epoch, lr = step.split("=")
+            parsed.append((int(epoch), float(lr)))
+        except ValueError:
+            raise ExpungeError(f"--lr-step {step!r} must look like EPOCH=LR, e.g. 10=0.05") from None
+    return tuple(parsed)
+
+
+def _updater(method: str, T0: int, j0: int, m: int):
+    from .unlearn import make_updater
+
+    return make_updater(method, T0=T0, j0=j0, m=m) if method == "deltagrad" else make_updater(method)
+
+
+def _print_report(report, quiet: bool) -> None:
+    if quiet:
+        return
+    metrics, g = report.metrics, report.guarantee
+    table = Table(show_header=False, box=None)
+    table.add_row("method", report.method)
+    table.add_row("request", f"{report.kind} {len(report.ids)} row(s)" if report.ids else report.kind)
+    table.add_row("seconds", f"{report.seconds:.3f}")
+    if g.get("kind") == "approximate":
+        table.add_row("guarantee", f"approximate: {g['explicit_iterations']}/{g['iterations']} explicit iterations "
+                      f"(speedup bound {g['speedup_bound']:.2f}x)")
+    else:
+        table.add_row("guarantee", "exact")
+    if "dist_to_retrain" in metrics:
+        table.add_row("retrain seconds", f"{metrics['retrain_s']:.3f} (speedup {metrics['speedup']:.2f}x)")
+        table.add_row("|w - w_retrain|", f"{metrics['dist_to_retrain']:.3e}  "
+                      f"(before the update: {metrics['dist_previous_to_retrain']:.3e}, ratio "
+                      f"{metrics['dist_to_retrain'] / max(metrics['dist_previous_to_retrain'], 1e-300):.4f})")
+    if "dist_to_previous" in metrics:
+        table.add_row("|w - w_before|", f"{metrics['dist_to_previous']:.3e}")
+    if "test_acc" in metrics:
+        extra = f" (retrain {100 * metrics['acc_retrain']:.2f}%)" if metrics.get("acc_retrain") is not None else ""
+        table.add_row("test accuracy", f"{100 * metrics['test_acc']:.2f}%{extra}")
+    table.add_row("rows now", str(metrics.get("rows")))
+    table.add_row("model", f"{report.model_hash_before or '-'} -> {report.model_hash_after} (version {report.version})")
+    console.print(table)
+
+
+@app.command()
+@friendly
+def train(
+    data: str = typer.Option(..., help="Dataset: 'digits' (bundled with scikit-learn), an .npz (x_train/y_train or X/y), "
+                             "a .csv (label last, optional id column), or a folder of MNIST-format IDX files."),
+    out: Path = typer.Option(..., help="New run directory to create."),
+    model: str = typer.Option("logreg", help="logreg (multinomial logistic regression) or mlp."),
+    hidden: list[int] = typer.Option([64], help="MLP hidden layer width; repeat for more layers."),
+    epochs: int = typer.Option(20, help="Passes over the data."),
+    batch_size: int = typer.Option(0, help="Mini-batch size; 0 means full-batch gradient descent."),
+    lr: float = typer.Option(0.1, help="Learning rate from epoch 0."),
+    lr_step: list[str] = typer.Option([], help="Step schedule EPOCH=LR, repeatable: --lr-step 10=0.05."),
+    weight_decay: float = typer.Option(1e-4, help="L2 coefficient lambda (objective mean loss + lambda/2 |w|^2)."),
+    dtype: str = typer.Option("float64", help="float64 (what DeltaGrad's accuracy checks assume) or float32."),
+    seed: int = typer.Option(0, help="Seed of the batch plan and the initialisation."),
+    method: str = typer.Option("deltagrad", help="Default update method recorded in the run: " + METHOD_HELP),
+    T0: int = typer.Option(5, "--T0", help="DeltaGrad: period of explicit iterations after the burn-in."),
+    j0: int = typer.Option(20, help="DeltaGrad: burn-in iterations computed explicitly."),
+    m: int = typer.Option(2, help="DeltaGrad: L-BFGS history length."),
+    json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, help="Print nothing but errors."),
+):
+    """Train a model and write a run directory: manifest, weights, the cached trajectory, a ledger."""
+    from .data import load_dataset
+    from .recipe import TrainRecipe
+    from .unlearn import Fitted
+
+    recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None, lr=lr,
+                         lr_steps=_parse_lr_steps(lr_step), weight_decay=weight_decay, dtype=dtype, seed=seed)
+    updater = _updater(method, T0, j0, m)
+    train_set, test_set = load_dataset(data)
+    source = data if data == "digits" else str(Path(data).resolve())
+    fitted = Fitted.train(train_set, recipe, updater, out=out, test=test_set, source=source, progress=not quiet)
+    report = fitted.ledger.entries()[-1]["report"]
+    if not quiet:
+        acc = report["metrics"].get("test_acc")
+        console.print(f"trained {recipe.model} on {len(train_set)} rows in {report['seconds']:.2f} s"
+                      + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + f" -> {out}")
+    _write_json(json_out, report)
+
+
+def _load(run: Path, data: Optional[str]):
+    from .data import load_dataset
+    from .unlearn import Fitted
+
+    return Fitted.load(run, load_dataset(data)[0] if data else None)
+
+
+@app.command()
+@friendly
+def forget(
+    run: Path = typer.Argument(..., help="Run directory made by `expunge train`."),
+    ids: Optional[Path] = typer.Option(None, help="File of ids to delete (integers separated by spaces, commas or lines)."),
+    ratio: Optional[float] = typer.Option(None, help="Instead of --ids: delete this random fraction of rows (0 < R < 1)."),
+    seed: int = typer.Option(0, help="Seed for --ratio."),
+    method: Optional[str] = typer.Option(None, help=METHOD_HELP + " Default: the run's."),
+    T0: int = typer.Option(5, "--T0", help="DeltaGrad: period of explicit iterations."),
+    j0: int = typer.Option(20, help="DeltaGrad: burn-in iterations."),
+    m: int = typer.Option(2, help="DeltaGrad: L-BFGS history length."),
+    compare: bool = typer.Option(True, help="Also retrain exactly and report the distance to it (costs one retraining)."),
+    data: Optional[str] = typer.Option(None, help="The run's training data, if it moved from where it was at training."),
+    json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, help="Print nothing but errors."),
+):
+    """Delete rows and update the model (DeltaGrad or exact retraining)."""
+    from .data import load_ids
+
+    if (ids is None) == (ratio is None):
+        raise ExpungeError("give exactly one of --ids FILE or --ratio R")
+    fitted = _load(run, data)
+    chosen = load_ids(ids) if ids is not None else fitted.sample_ids(ratio, seed)
+    updater = _updater(method or fitted.updater.name, T0, j0, m)
+    report = fitted.forget(chosen, method=updater, compare=compare, progress=not quiet)
+    _print_report(report, quiet)
+    _write_json(json_out, report.to_dict())
+
+
+@app.command()
+@friendly
+def add(
+    run: Path = typer.Argument(..., help="Run directory made by `expunge train`."),
+    rows: Path = typer.Option(..., help="Rows to add: .csv (label last, optional id column) or .npz with X, y (and ids)."),
+    method: Optional[str] = typer.Option(None, help=METHOD_HELP + " Default: the run's."),
+    T0: int = typer.Option(5, "--T0", help="DeltaGrad: period of explicit iterations."),
+    j0: int = typer.Option(20, help="DeltaGrad: burn-in iterations."),
+    m: int = typer.Option(2, help="DeltaGrad: L-BFGS history length."),
+    compare: bool = typer.Option(True, help="Also retrain exactly and report the distance to it (costs one retraining)."),
+    data: Optional[str] = typer.Option(None, help="The run's training data, if it moved from where it was at training."),
+    json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, help="Print nothing but errors."),
+):
+    """Add rows and update the model (DeltaGrad or exact retraining)."""
+    from .data import load_rows
+
+    X, y, ids = load_rows(rows)
+    fitted = _load(run, data)
+    updater = _updater(method or fitted.updater.name, T0, j0, m)
+    report = fitted.add(X, y, ids, method=updater, compare=compare, progress=not quiet)
+    _print_report(report, quiet)
+    _write_json(json_out, report.to_dict())
+
+
+@app.command()
+@friendly
+def info(
+    run: Path = typer.Argument(..., help="Run directory."),
+    json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
+):
+    """Show a run: recipe, data, current version, rows, accuracy."""
+    from .unlearn import Fitted
+
+    fitted = Fitted.load(run)
+    summary = {
+        "run": str(run), "version": fitted.version, "model_hash": fitted.manifest["model_hash"],
+        "recipe": fitted.recipe.to_dict(), "data": {k: v for k, v in fitted.manifest["data"].items()},
+        "method": fitted.manifest["method"], "rows": int(fitted.active.sum()),
+        "rows_deleted": int((~fitted.active).sum()), "rows_added": len(fitted.universe) - fitted.n_base,
+        "test_acc": fitted.accuracy(),
+    }
+    table = Table(show_header=False, box=None)
+    for key in ("version", "model_hash", "rows", "rows_deleted", "rows_added", "test_acc"):
+        table.add_row(key, str(summary[key]))
+    table.add_row("recipe", json.dumps(summary["recipe"]))
+    table.add_row("method", json.dumps(summary["method"]))
+    table.add_row("data", f"{summary['data']['name']} ({summary['data']['source'] or 'stored in the run'})")
+    console.print(table)
+    _write_json(json_out, summary)
+
+
+@app.command()
+@friendly
+def ledger(
+    run: Path = typer.Argument(..., help="Run directory."),
+    json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
+):
+    """List every request the run has served (append-only)."""
+    from .artifact import RunDirectory
+    from .ledger import Ledger
+
+    manifest = RunDirectory(run).read_manifest()
+    book = Ledger(Path(run) / "ledger.sqlite")
+    book.sync(manifest)
+    entries = book.entries()
+    table = Table("version", "at", "kind", "method", "rows", "seconds", "model")
+    for e in entries:
+        table.add_row(str(e["version"]), e["at"], e["kind"], e["method"], str(e["n_rows"]),
+                      f"{e['report']['seconds']:.3f}", e["model_hash"])
+    console.print(table)
+    _write_json(json_out, entries)
+
+
+@app.command()
+@friendly
+def bench(
+    name: str = typer.Argument(..., help="Benchmark to run: deltagrad."),
+    data: Path = typer.Option(Path("../shared/data"), help="Data folder (holds mnist/mnist.npz, ...)."),
+    json_out: Path = typer.Option(None, "--json", help="Where to write the JSON rows (default benchmarks/results/NAME.json); "
+                                  "a plot is written beside it."),
+    repeats: int = typer.Option(3, help="Repeats per case; the median is reported."),
+    limit: Optional[int] = typer.Option(None, help="Train on the first N rows only (a quick smoke run)."),
+):
+    """Run a benchmark side by side with its baseline: prints a table, writes JSON and a plot."""
+    from .bench import BENCHMARKS
+
+    if name not in BENCHMARKS:
+        raise ExpungeError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))}")
+    module = importlib.import_module(BENCHMARKS[name])
+    out = json_out or Path("benchmarks/results") / f"{name}.json"
+    module.main(data, out, repeats=repeats, limit=limit, progress=True, console=console)
+    console.print(f"wrote {out} and {Path(out).with_suffix('.png')}")
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory to create (replaced if it holds an earlier demo)."),
+    ratio: float = typer.Option(0.01, help="Fraction of rows to delete."),
+):
+    """Train on scikit-learn's digits, delete 1% with DeltaGrad, add them back, compare with retraining."""
+    import shutil
+
+    from .data import load_dataset
+    from .recipe import TrainRecipe
+    from .unlearn import DeltaGrad
+
+    if (out / "manifest.json").exists():
+        shutil.rmtree(out)
+    train_set, test_set = load_dataset("digits")
+    recipe = TrainRecipe(model="logreg", epochs=20, batch_size=256, lr=0.1, lr_steps=((10, 0.05),),
+                         weight_decay=1e-4, dtype="float64", seed=0)
+    console.rule("1. train: logistic regression on digits (1437 rows), mini-batch SGD, trajectory cached")
+    fitted = DeltaGrad(T0=5, j0=20, m=2).fit(train_set, recipe, out=out, test=test_set, source="digits", progress=True)
+    console.print(f"test accuracy {100 * fitted.accuracy():.2f}%, run directory {out}")
+    ids = fitted.sample_ids(ratio, seed=0)
+    console.rule(f"2. forget {len(ids)} rows ({100 * ratio:g}%) with DeltaGrad, compared with exact retraining")
+    _print_report(fitted.forget(ids, compare=True), quiet=False)
+    console.rule("3. add the same rows back with DeltaGrad (online: starts from the updated trajectory)")
+    _print_report(fitted.add(train_set.take(train_set.rows_of(ids)), compare=True), quiet=False)
+    console.rule("ledger")
+    for e in fitted.ledger.entries():
+        console.print(f"v{e['version']} {e['kind']:7s} {e['method']:9s} {e['n_rows']:3d} rows  model {e['model_hash']}")
+    console.print(f"\nNext: expunge forget {out} --ratio 0.01 --json report.json ; expunge ledger {out}")
+
+
+def main():  # pragma: no cover - console script entry
+    app()

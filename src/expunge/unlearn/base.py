@@ -1,0 +1,78 @@
+"""The Updater protocol and the UpdateReport every update returns.
+
+An Updater knows how to turn a model trained on one set of rows into the model trained on another.
+``fit`` trains and returns a Fitted run (see fitted.py); ``update`` is the method itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from ..data import IndexedDataset
+    from ..recipe import TrainRecipe
+    from ..train import Workspace
+    from ..trajectory import Trajectory
+    from .fitted import Fitted
+
+
+@dataclass
+class UpdateReport:
+    """What one request did: JSON-serialisable, and the row the ledger keeps.
+
+    ``guarantee`` says how close to retraining the result is by construction: ``{"kind": "exact"}``
+    for retraining, ``{"kind": "approximate", ...}`` with the figures of the approximation for
+    DeltaGrad. ``metrics`` holds what was measured (distances, accuracies, the retrain time when
+    compared side by side).
+    """
+
+    method: str
+    kind: str  # "train", "forget" or "add"
+    ids: list[int]
+    seconds: float
+    model_hash_before: str | None
+    model_hash_after: str
+    guarantee: dict
+    metrics: dict = field(default_factory=dict)
+    version: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+class Updater(Protocol):
+    name: str
+
+    def config(self) -> dict: ...
+
+    def update(
+        self,
+        ws: "Workspace",
+        old_active: np.ndarray,
+        new_active: np.ndarray,
+        w0: torch.Tensor,
+        old: "Trajectory | None",
+        new: "Trajectory | None",
+        progress: bool,
+    ) -> tuple[torch.Tensor, dict]:
+        """Return the weights for ``new_active`` (writing the new trajectory into ``new``) and the
+        guarantee figures."""
+        ...
+
+
+class FitMixin:
+    """``Updater.fit(data, recipe) -> Fitted``: train once, recording what this method needs."""
+
+    def fit(self, data: "IndexedDataset", recipe: "TrainRecipe", out=None, test=None, source=None,
+            progress: bool = False) -> "Fitted":
+        from .fitted import Fitted
+
+        return Fitted.train(data, recipe, updater=self, out=out, test=test, source=source, progress=progress)
