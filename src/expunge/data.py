@@ -212,7 +212,7 @@ def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
-    _, _, dtype_code, ndim = struct.unpack(">HBBB", data[:4])
+    _, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if dtype_code != 0x08:
         raise ExpungeError(f"{path}: only unsigned-byte IDX files are supported")
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])

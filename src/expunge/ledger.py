@@ -7,6 +7,7 @@ run is next opened, from the report the manifest carries (``sync``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -41,10 +42,16 @@ class Ledger:
         with self._connect() as db:
             db.executescript(SCHEMA)
 
-    def _connect(self) -> sqlite3.Connection:
+    @contextlib.contextmanager
+    def _connect(self):
+        """One connection per call, committed on success and always closed."""
         db = sqlite3.connect(self.path)
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+            with db:
+                yield db
+        finally:
+            db.close()
 
     def append(self, version: int, report: dict) -> None:
         ids = report.get("ids", [])

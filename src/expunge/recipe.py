@@ -46,14 +46,17 @@ class TrainRecipe:
             raise ExpungeError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.dtype not in DTYPES:
             raise ExpungeError(f"unknown dtype {self.dtype!r}; choose float32 or float64")
-        if self.epochs < 1:
-            raise ExpungeError(f"epochs must be at least 1, got {self.epochs}")
+        if not (float(self.epochs).is_integer() and self.epochs >= 1):
+            raise ExpungeError(f"epochs must be a whole number, at least 1; got {self.epochs}")
+        object.__setattr__(self, "epochs", int(self.epochs))
         if self.batch_size is not None and self.batch_size < 1:
             raise ExpungeError(f"batch size must be positive (or omitted for full batch), got {self.batch_size}")
-        if not self.lr > 0 or any(lr <= 0 for _, lr in steps):
-            raise ExpungeError("learning rates must be positive")
-        if self.weight_decay < 0:
+        if not all(math.isfinite(lr) and lr > 0 for lr in (self.lr, *(lr for _, lr in steps))):
+            raise ExpungeError("learning rates must be positive, finite numbers")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ExpungeError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if self.seed < 0:
+            raise ExpungeError(f"seed must be a non-negative integer, got {self.seed}")
         if any(h < 1 for h in self.hidden):
             raise ExpungeError(f"hidden layer sizes must be positive, got {self.hidden}")
 

@@ -115,6 +115,7 @@ class Fitted:
         run = RunDirectory(out)
         if run.exists():
             raise ExpungeError(f"{out} already holds a run; choose another --out or remove it first")
+        created = not out.exists()
         n_classes = max(data.n_classes, test.n_classes if test is not None else 0)
         manifest = {
             "recipe": recipe.to_dict(),
@@ -122,6 +123,15 @@ class Fitted:
                      "n_features": data.n_features, "n_classes": n_classes},
             "method": {"name": updater.name, "config": updater.config()},
         }
+        try:
+            return cls._train_into(run, manifest, data, recipe, test, source, progress)
+        except BaseException:
+            if created:  # a failed training leaves no half-made run directory behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _train_into(cls, run, manifest, data, recipe, test, source, progress) -> "Fitted":
         with run.lock():
             if source is None:
                 cls._store_base(run, data, test, manifest)
@@ -229,6 +239,8 @@ class Fitted:
         """A random ``ratio`` of the current rows' ids (at least one), for experiments."""
         if not 0 < ratio < 1:
             raise ExpungeError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
+        if seed < 0:
+            raise ExpungeError(f"seed must be a non-negative integer, got {seed}")
         current = self.universe.ids[self.active]
         k = max(1, int(round(ratio * len(current))))
         return np.sort(np.random.default_rng(seed).choice(current, k, replace=False))

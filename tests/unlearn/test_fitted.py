@@ -1,0 +1,186 @@
+"""Run directories: train, forget, add, save/load, and what bad input and crashes leave behind."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from expunge import DeltaGrad, ExpungeError, Fitted, IndexedDataset, Retrain, TrainRecipe
+from expunge.unlearn import fitted as fitted_module
+
+RECIPE = TrainRecipe(epochs=6, batch_size=64, lr=0.2, lr_steps=((3, 0.1),), weight_decay=1e-3, dtype="float64")
+
+
+def dataset(n=300, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    X = rng.normal(size=(n, d)) + y[:, None]
+    return IndexedDataset.from_arrays(X, y, ids=np.arange(1000, 1000 + n), name="blobs")
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture
+def run(tmp_path):
+    data = dataset()
+    test = dataset(100, seed=1)
+    return DeltaGrad(T0=2, j0=4).fit(data, RECIPE, out=tmp_path / "run", test=test)
+
+
+def test_fit_writes_a_run_directory_and_a_ledger(run):
+    files = snapshot(run.path)
+    assert {"manifest.json", "ledger.sqlite", "base.npz", "versions/000001/weights.safetensors",
+            "versions/000001/trajectory/params.npy", "versions/000001/trajectory/grads.npy"} <= set(files)
+    assert [e["kind"] for e in run.ledger.entries()] == ["train"]
+    assert isinstance(run.model, torch.nn.Module)
+    assert run.accuracy() > 0.5  # chance is 1/3
+
+
+def test_save_and_load_round_trip_exactly(run, tmp_path):
+    run.forget([1003, 1010])
+    copy = run.save(tmp_path / "copy")
+    loaded = Fitted.load(run.path)
+    for other in (copy, loaded):
+        assert torch.equal(other.w, run.w) and torch.equal(other.w0, run.w0)
+        np.testing.assert_array_equal(other.trajectory.params, run.trajectory.params)
+        np.testing.assert_array_equal(other.trajectory.grads, run.trajectory.grads)
+        np.testing.assert_array_equal(other.active, run.active)
+        assert other.version == run.version == 2
+        assert other.recipe == run.recipe
+    assert [e["version"] for e in copy.ledger.entries()] == [1, 2]
+
+
+def test_forget_then_add_back_through_the_run(run):
+    before = run.w.clone()
+    report = run.forget([1001, 1002, 1050], compare=True)
+    assert report.guarantee["kind"] == "approximate" and report.version == 2
+    m = report.metrics
+    assert m["dist_to_retrain"] < 0.1 * m["dist_previous_to_retrain"]
+    assert m["rows"] == 297
+    rows = run.universe.rows_of([1001, 1002, 1050])
+    run.add(run.universe.X[rows], run.universe.y[rows], ids=[1001, 1002, 1050], method="retrain")
+    assert torch.allclose(run.w, before, atol=1e-12)  # exact retraining returns to the original model
+    assert [e["kind"] for e in run.ledger.entries()] == ["train", "forget", "add"]
+
+
+def test_added_rows_get_fresh_ids_and_persist(run):
+    new = dataset(5, seed=7)
+    report = run.add(new.X, new.y)
+    assert report.ids == list(range(1300, 1305))
+    loaded = Fitted.load(run.path)
+    np.testing.assert_array_equal(loaded.universe.ids[-5:], np.arange(1300, 1305))
+    assert loaded.active.sum() == 305
+
+
+def test_retrain_method_is_exact(run):
+    report = run.forget([1000], method=Retrain())
+    assert report.guarantee == {"kind": "exact", "iterations": run.plan.n_iterations}
+
+
+def test_loading_with_another_dataset_is_refused(run):
+    with pytest.raises(ExpungeError, match="not the one"):
+        Fitted.load(run.path, data=dataset(seed=3))
+
+
+@pytest.mark.parametrize("request_ids, message", [
+    ([5], "not in"),                              # unknown id
+    ([1001, 1001], "more than once"),             # duplicate
+    ([], "no ids"),                               # empty request
+    (list(range(1000, 1300)), "every row"),       # deleting everything
+])
+def test_bad_forget_requests_change_nothing(run, request_ids, message):
+    before = snapshot(run.path)
+    with pytest.raises(ExpungeError, match=message):
+        run.forget(request_ids)
+    assert snapshot(run.path) == before
+
+
+def test_deleting_twice_is_refused(run):
+    run.forget([1001])
+    before = snapshot(run.path)
+    with pytest.raises(ExpungeError, match="already deleted"):
+        run.forget([1001])
+    assert snapshot(run.path) == before
+
+
+@pytest.mark.parametrize("X, y, ids, message", [
+    (np.zeros((2, 4)), [0, 1], None, "features"),                  # wrong feature count
+    (np.zeros((2, 5)), [0, 7], None, "labels"),                    # label outside the classes
+    (np.zeros((2, 5)), [0, 1], [1000, 5000], "already in"),        # id already present
+    (np.zeros((2, 5)), [0, 1], [4000, 4000], "unique"),            # duplicate ids
+    (np.full((1, 5), np.nan), [0], None, "NaN"),                   # not finite
+])
+def test_bad_additions_change_nothing(run, X, y, ids, message):
+    before = snapshot(run.path)
+    with pytest.raises(ExpungeError, match=message):
+        run.add(X, y, ids)
+    assert snapshot(run.path) == before
+
+
+def test_ratio_outside_zero_one_is_refused(run):
+    for ratio in (0, 1, 1.5, -0.1):
+        with pytest.raises(ExpungeError, match="ratio"):
+            run.sample_ids(ratio)
+
+
+def test_corrupted_trajectory_is_detected_before_anything_changes(run):
+    params = run.path / "versions/000001/trajectory/params.npy"
+    raw = bytearray(params.read_bytes())
+    raw[-3] ^= 0xFF
+    params.write_bytes(bytes(raw))
+    before = snapshot(run.path)
+    with pytest.raises(ExpungeError, match="corrupted.*retrain"):
+        Fitted.load(run.path)
+    assert snapshot(run.path) == before
+
+
+def test_truncated_trajectory_is_detected(run):
+    params = run.path / "versions/000001/trajectory/params.npy"
+    params.write_bytes(params.read_bytes()[:-100])
+    with pytest.raises(ExpungeError, match="params.npy"):
+        Fitted.load(run.path)
+
+
+def test_a_crash_mid_update_leaves_the_previous_run_intact(run, monkeypatch):
+    before = snapshot(run.path)
+    w = run.w.clone()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(fitted_module, "save_file", crash)  # fails after the update was computed
+    with pytest.raises(RuntimeError, match="power cut"):
+        run.forget([1001, 1002])
+    assert snapshot(run.path) == before
+    assert torch.equal(run.w, w) and run.active.all()
+    reloaded = Fitted.load(run.path)
+    assert reloaded.version == 1 and torch.equal(reloaded.w, w)
+    monkeypatch.undo()
+    assert reloaded.forget([1001, 1002]).version == 2
+
+
+def test_a_crash_between_manifest_and_ledger_is_repaired_on_load(run, monkeypatch):
+    monkeypatch.setattr(fitted_module.Ledger, "append", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        run.forget([1001])
+    monkeypatch.undo()
+    reloaded = Fitted.load(run.path)
+    assert reloaded.version == 2
+    assert [e["kind"] for e in reloaded.ledger.entries()] == ["train", "forget"]
+
+
+def test_a_stale_handle_cannot_overwrite_a_newer_version(run):
+    other = Fitted.load(run.path)
+    other.forget([1001])
+    with pytest.raises(ExpungeError, match="changed since"):
+        run.forget([1002])
+
+
+def test_training_into_an_existing_run_is_refused(run):
+    with pytest.raises(ExpungeError, match="already holds a run"):
+        DeltaGrad().fit(dataset(), RECIPE, out=run.path)
