@@ -22,7 +22,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
+# wide tables stay readable when output goes to a file or a pipe (rich assumes 80 columns there)
+console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 
 METHOD_HELP = "Update method: deltagrad (fast, approximate, from the cached trajectory) or retrain (exact)."
@@ -144,7 +145,7 @@ def _load(run: Path, data: Optional[str]):
     from .data import load_dataset
     from .unlearn import Fitted
 
-    return Fitted.load(run, load_dataset(data)[0] if data else None)
+    return Fitted.load(run, *load_dataset(data)) if data else Fitted.load(run)
 
 
 @app.command()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifact import RunDirectory, file_sha256
+from ..artifact import RunDirectory, file_sha256, fsync_path
 from ..data import IndexedDataset, load_dataset
 from ..errors import ExpungeError
 from ..ledger import Ledger
@@ -156,20 +156,24 @@ class Fitted:
             arrays.update(X_test=test.X, y_test=test.y, ids_test=test.ids)
         tmp = run.path / f".{BASE}.{uuid.uuid4().hex[:8]}.tmp.npz"
         np.savez(tmp, **arrays)
+        fsync_path(tmp)
         tmp.replace(run.path / BASE)
+        fsync_path(run.path)
         manifest["data"]["base_sha256"] = file_sha256(run.path / BASE)
 
     @classmethod
-    def load(cls, path, data: IndexedDataset | None = None) -> "Fitted":
+    def load(cls, path, data: IndexedDataset | None = None, test: IndexedDataset | None = None) -> "Fitted":
         """Open a run directory, checking every file against the manifest.
 
         ``data`` must be the dataset the run was trained on; by default it is read back from the
-        source recorded at training time (or from the copy stored in the run directory)."""
+        source recorded at training time (or from the copy stored in the run directory). ``test``
+        is the held-out split accuracies are reported on (by default the source's)."""
         run = RunDirectory(path)
         manifest = run.read_manifest()
         folder = run.verify(manifest)
         Ledger(run.path / "ledger.sqlite").sync(manifest)
-        base, test = cls._base_data(run, manifest, data)
+        base, source_test = cls._base_data(run, manifest, data)
+        test = source_test if test is None else test
         with np.load(folder / ROWS) as rows:
             added = IndexedDataset(rows["X"], rows["y"], rows["ids"], base.name)
             active = rows["active"]
@@ -211,7 +215,7 @@ class Fitted:
         if target.exists():
             target.rmdir()
         tmp.replace(target)
-        return Fitted.load(target, self.universe.take(np.arange(self.n_base)))
+        return Fitted.load(target, self.universe.take(np.arange(self.n_base)), self.test)
 
     # ------------------------------------------------------------------ requests
 
