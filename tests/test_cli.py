@@ -240,6 +240,16 @@ def test_unknown_method_on_train_is_a_clean_error(tmp_path):
     assert not out.exists()
 
 
+def test_forget_with_another_dataset_is_a_clean_error(run, tmp_path):
+    other = tmp_path / "other.npz"
+    rng = np.random.default_rng(0)
+    np.savez(other, X=rng.random((50, N_FEATURES)), y=rng.integers(0, 10, 50))
+    before = snapshot(run)
+    result = invoke("forget", run, "--ratio", "0.01", "--data", other)
+    assert_clean_failure(result, "is not the one")
+    assert snapshot(run) == before
+
+
 def test_not_a_run_directory_is_a_clean_error(tmp_path):
     result = invoke("info", tmp_path)
     assert_clean_failure(result, "not a run directory")

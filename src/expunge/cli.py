@@ -301,7 +301,10 @@ def demo(
     console.rule("ledger")
     for e in fitted.ledger.entries():
         console.print(f"v{e['version']} {e['kind']:7s} {e['method']:9s} {e['n_rows']:3d} rows  model {e['model_hash']}")
-    console.print(f"\nNext: expunge forget {out} --ratio 0.01 --json report.json ; expunge ledger {out}")
+    console.print("\nOn 1,437 rows an iteration takes well under a millisecond, so fixed per-iteration costs dominate "
+                  "and DeltaGrad is no faster than retraining here; its speed shows at scale "
+                  "(`expunge bench deltagrad --data ../shared/data`: MNIST, 60,000 rows).")
+    console.print(f"Next: expunge forget {out} --ratio 0.01 --json report.json ; expunge ledger {out}")
 
 
 def main():  # pragma: no cover - console script entry
