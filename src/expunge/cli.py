@@ -72,6 +72,33 @@ def _updater(method: str, T0: int, j0: int, m: int):
     return make_updater(method, T0=T0, j0=j0, m=m) if method == "deltagrad" else make_updater(method)
 
 
+# options shared by `forget` and `add`
+RUN_ARGUMENT = typer.Argument(..., help="Run directory made by `expunge train`.")
+METHOD_OPTION = typer.Option(None, help=METHOD_HELP + " Default: the run's.")
+T0_OPTION = typer.Option(None, "--T0", help="DeltaGrad: period of explicit iterations (default: the run's, else 5).")
+J0_OPTION = typer.Option(None, help="DeltaGrad: burn-in iterations (default: the run's, else 20).")
+M_OPTION = typer.Option(None, help="DeltaGrad: L-BFGS history length (default: the run's, else 2).")
+COMPARE_OPTION = typer.Option(True, help="Also retrain exactly and report the distance to it (costs one retraining).")
+DATA_OPTION = typer.Option(None, help="The run's training data, if it moved from where it was at training.")
+JSON_OPTION = typer.Option(None, "--json", help=JSON_HELP)
+QUIET_OPTION = typer.Option(False, help="Print nothing but errors.")
+
+
+def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optional[int], m: Optional[int]):
+    """The request's updater: the run's own unless --method names another; DeltaGrad settings
+    default to the run's, then to the paper's (T0=5, j0=20, m=2)."""
+    from .unlearn import make_updater
+
+    name = method or fitted.updater.name
+    if name != "deltagrad":
+        return make_updater(name)
+    settings = {"T0": 5, "j0": 20, "m": 2}
+    if fitted.updater.name == "deltagrad":
+        settings.update(fitted.updater.config())
+    settings.update({k: v for k, v in {"T0": T0, "j0": j0, "m": m}.items() if v is not None})
+    return make_updater("deltagrad", **settings)
+
+
 def _print_report(report, quiet: bool) -> None:
     if quiet:
         return
@@ -151,18 +178,18 @@ def _load(run: Path, data: Optional[str]):
 @app.command()
 @friendly
 def forget(
-    run: Path = typer.Argument(..., help="Run directory made by `expunge train`."),
+    run: Path = RUN_ARGUMENT,
     ids: Optional[Path] = typer.Option(None, help="File of ids to delete (integers separated by spaces, commas or lines)."),
     ratio: Optional[float] = typer.Option(None, help="Instead of --ids: delete this random fraction of rows (0 < R < 1)."),
     seed: int = typer.Option(0, help="Seed for --ratio."),
-    method: Optional[str] = typer.Option(None, help=METHOD_HELP + " Default: the run's."),
-    T0: int = typer.Option(5, "--T0", help="DeltaGrad: period of explicit iterations."),
-    j0: int = typer.Option(20, help="DeltaGrad: burn-in iterations."),
-    m: int = typer.Option(2, help="DeltaGrad: L-BFGS history length."),
-    compare: bool = typer.Option(True, help="Also retrain exactly and report the distance to it (costs one retraining)."),
-    data: Optional[str] = typer.Option(None, help="The run's training data, if it moved from where it was at training."),
-    json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
-    quiet: bool = typer.Option(False, help="Print nothing but errors."),
+    method: Optional[str] = METHOD_OPTION,
+    T0: Optional[int] = T0_OPTION,
+    j0: Optional[int] = J0_OPTION,
+    m: Optional[int] = M_OPTION,
+    compare: bool = COMPARE_OPTION,
+    data: Optional[str] = DATA_OPTION,
+    json_out: Optional[str] = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ):
     """Delete rows and update the model (DeltaGrad or exact retraining)."""
     from .data import load_ids
@@ -171,7 +198,7 @@ def forget(
         raise ExpungeError("give exactly one of --ids FILE or --ratio R")
     fitted = _load(run, data)
     chosen = load_ids(ids) if ids is not None else fitted.sample_ids(ratio, seed)
-    updater = _updater(method or fitted.updater.name, T0, j0, m)
+    updater = _request_updater(fitted, method, T0, j0, m)
     report = fitted.forget(chosen, method=updater, compare=compare, progress=not quiet)
     _print_report(report, quiet)
     _write_json(json_out, report.to_dict())
@@ -180,23 +207,23 @@ def forget(
 @app.command()
 @friendly
 def add(
-    run: Path = typer.Argument(..., help="Run directory made by `expunge train`."),
+    run: Path = RUN_ARGUMENT,
     rows: Path = typer.Option(..., help="Rows to add: .csv (label last, optional id column) or .npz with X, y (and ids)."),
-    method: Optional[str] = typer.Option(None, help=METHOD_HELP + " Default: the run's."),
-    T0: int = typer.Option(5, "--T0", help="DeltaGrad: period of explicit iterations."),
-    j0: int = typer.Option(20, help="DeltaGrad: burn-in iterations."),
-    m: int = typer.Option(2, help="DeltaGrad: L-BFGS history length."),
-    compare: bool = typer.Option(True, help="Also retrain exactly and report the distance to it (costs one retraining)."),
-    data: Optional[str] = typer.Option(None, help="The run's training data, if it moved from where it was at training."),
-    json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
-    quiet: bool = typer.Option(False, help="Print nothing but errors."),
+    method: Optional[str] = METHOD_OPTION,
+    T0: Optional[int] = T0_OPTION,
+    j0: Optional[int] = J0_OPTION,
+    m: Optional[int] = M_OPTION,
+    compare: bool = COMPARE_OPTION,
+    data: Optional[str] = DATA_OPTION,
+    json_out: Optional[str] = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ):
     """Add rows and update the model (DeltaGrad or exact retraining)."""
     from .data import load_rows
 
     X, y, ids = load_rows(rows)
     fitted = _load(run, data)
-    updater = _updater(method or fitted.updater.name, T0, j0, m)
+    updater = _request_updater(fitted, method, T0, j0, m)
     report = fitted.add(X, y, ids, method=updater, compare=compare, progress=not quiet)
     _print_report(report, quiet)
     _write_json(json_out, report.to_dict())
