@@ -229,7 +229,7 @@ def test_train_into_an_existing_run_is_a_clean_error(run):
 def test_unknown_method_on_forget_is_a_clean_error(run):
     before = snapshot(run)
     result = invoke("forget", run, "--ratio", "0.01", "--method", "bogus")
-    assert_clean_failure(result, "unknown method 'bogus'", "deltagrad or retrain")
+    assert_clean_failure(result, "unknown method 'bogus'", "deltagrad, retrain")
     assert snapshot(run) == before
 
 
@@ -306,3 +306,35 @@ def test_bench_without_mnist_is_a_clean_error(tmp_path):
 def test_unknown_benchmark_is_a_clean_error(tmp_path):
     result = invoke("bench", "nope", "--data", tmp_path)
     assert_clean_failure(result, "unknown benchmark 'nope'")
+
+
+# ----------------------------------------------------------------------------- certified removal
+
+
+def test_certified_train_and_forget_report_the_certificate(tmp_path):
+    run = tmp_path / "cert"
+    result = invoke("train", "--data", "digits", "--out", run, "--method", "certified", "--classes", "3,8",
+                    "--l2-normalize", "--lambda", "1e-2", "--sigma", "1")
+    assert result.exit_code == 0, result.output
+    assert "certified removal" in squash(result.output) or "certificate" in result.output
+    report = tmp_path / "forget.json"
+    result = invoke("forget", run, "--ratio", "0.01", "--json", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["guarantee"]["kind"] == "certified"
+    assert data["guarantee"]["spent"] <= data["guarantee"]["budget"]
+    assert data["metrics"]["dist_to_retrain"] < data["metrics"]["dist_previous_to_retrain"]
+    result = invoke("info", run, "--json", "-")
+    assert result.exit_code == 0 and '"certificate"' in result.output
+
+
+def test_certified_on_unscaled_features_is_a_clean_error(tmp_path):
+    result = invoke("train", "--data", "digits", "--out", tmp_path / "cert", "--method", "certified")
+    assert_clean_failure(result, "rescale", "--l2-normalize")
+    assert not (tmp_path / "cert").exists()
+
+
+def test_certified_with_an_mlp_is_a_clean_error(tmp_path):
+    result = invoke("train", "--data", "digits", "--out", tmp_path / "cert", "--method", "certified",
+                    "--l2-normalize", "--model", "mlp")
+    assert_clean_failure(result, "linear model")

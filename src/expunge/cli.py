@@ -26,7 +26,8 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 
-METHOD_HELP = "Update method: deltagrad (fast, approximate, from the cached trajectory) or retrain (exact)."
+METHOD_HELP = ("Update method: deltagrad (fast, approximate, from the cached trajectory), retrain (exact), or "
+               "certified (Newton step with an (epsilon, delta) certificate; runs trained with --method certified).")
 JSON_HELP = "Also write the result as JSON to this file ('-' for standard output)."
 
 
@@ -89,6 +90,8 @@ def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optio
     default to the run's, then to the paper's (T0=5, j0=20, m=2)."""
     from .unlearn import make_updater
 
+    if not hasattr(fitted, "updater"):  # a certified run: its own Newton step, or retraining
+        return method
     name = method or fitted.updater.name
     if name != "deltagrad":
         return make_updater(name)
@@ -99,6 +102,13 @@ def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optio
     return make_updater("deltagrad", **settings)
 
 
+def _print_certificate(g: dict) -> None:
+    left = g["removals_left_estimate"]
+    console.print(f"certificate: ({g['epsilon']:g}, {g['delta']:g})-certified removal; gradient-residual budget "
+                  f"{g['budget']:.3g}, spent {g['spent']:.3g}, left {g['budget_left']:.3g}"
+                  + (f" (about {left} more removals of typical rows)" if left is not None else ""), highlight=False)
+
+
 def _print_report(report, quiet: bool) -> None:
     if quiet:
         return
@@ -107,7 +117,16 @@ def _print_report(report, quiet: bool) -> None:
     table.add_row("method", report.method)
     table.add_row("request", f"{report.kind} {len(report.ids)} row(s)" if report.ids else report.kind)
     table.add_row("seconds", f"{report.seconds:.3f}")
-    if g.get("kind") == "approximate":
+    if g.get("kind") == "certified":
+        table.add_row("guarantee", f"({g['epsilon']:g}, {g['delta']:g})-certified removal"
+                      + ("; the budget was exhausted, so the model was retrained with fresh noise" if g.get("retrained") else ""))
+        if "removal_bound" in metrics:
+            table.add_row("residual bound", f"this removal {metrics['removal_bound']:.3g}; measured residual "
+                          f"{metrics['residual_norm']:.3g}")
+        left = g["removals_left_estimate"]
+        table.add_row("budget", f"spent {g['spent']:.3g} of {g['budget']:.3g}, left {g['budget_left']:.3g}"
+                      + (f" (about {left} more typical removals)" if left is not None else ""))
+    elif g.get("kind") == "approximate":
         table.add_row("guarantee", f"approximate: {g['explicit_iterations']}/{g['iterations']} explicit iterations "
                       f"(speedup bound {g['speedup_bound']:.2f}x)")
     else:
@@ -142,37 +161,63 @@ def train(
     weight_decay: float = typer.Option(1e-4, help="L2 coefficient lambda (objective mean loss + lambda/2 |w|^2)."),
     dtype: str = typer.Option("float64", help="float64 (what DeltaGrad's accuracy checks assume) or float32."),
     seed: int = typer.Option(0, help="Seed of the batch plan and the initialisation."),
-    method: str = typer.Option("deltagrad", help="Default update method recorded in the run: " + METHOD_HELP),
+    method: str = typer.Option("deltagrad", help="Update method the run is trained for: deltagrad, retrain, or "
+                               "certified (a loss-perturbed linear model whose removals carry an (epsilon, delta) certificate)."),
     T0: int = typer.Option(5, "--T0", help="DeltaGrad: period of explicit iterations after the burn-in."),
     j0: int = typer.Option(20, help="DeltaGrad: burn-in iterations computed explicitly."),
     m: int = typer.Option(2, help="DeltaGrad: L-BFGS history length."),
+    lam: float = typer.Option(1e-3, "--lambda", help="Certified: L2 coefficient (objective sum of losses + lambda n/2 |w|^2 + b.w)."),
+    sigma: float = typer.Option(1.0, help="Certified: standard deviation of the loss-perturbation noise b."),
+    epsilon: float = typer.Option(1.0, help="Certified: epsilon of the (epsilon, delta) removal certificate."),
+    delta: float = typer.Option(1e-4, help="Certified: delta of the certificate."),
+    on_exhausted: str = typer.Option("retrain", help="Certified: when a removal would exceed the budget, 'retrain' "
+                                     "from scratch with fresh noise or 'refuse' the request."),
+    classes: Optional[str] = typer.Option(None, help="Keep only these labels, relabelled in order: --classes 3,8."),
+    l2_normalize: bool = typer.Option(False, help="Scale every row to unit L2 norm (certified removal assumes ||x|| <= 1)."),
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
 ):
-    """Train a model and write a run directory: manifest, weights, the cached trajectory, a ledger."""
-    from .data import load_dataset
+    """Train a model and write a run directory: manifest, weights, the method's state, a ledger."""
+    from .data import load_dataset, preprocess
     from .recipe import TrainRecipe
     from .unlearn import Fitted
+    from .unlearn.certified import CertifiedRemoval
 
     recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None, lr=lr,
                          lr_steps=_parse_lr_steps(lr_step), weight_decay=weight_decay, dtype=dtype, seed=seed)
-    updater = _updater(method, T0, j0, m)
+    spec = None
+    if classes or l2_normalize:
+        try:
+            spec = {"classes": [int(c) for c in classes.split(",")] if classes else None, "l2_normalize": l2_normalize}
+        except ValueError:
+            raise ExpungeError(f"--classes {classes!r} must be comma-separated labels, e.g. 3,8") from None
     train_set, test_set = load_dataset(data)
+    if spec:
+        train_set = preprocess(train_set, **spec)
+        test_set = preprocess(test_set, **spec) if test_set is not None else None
     source = data if data == "digits" else str(Path(data).resolve())
-    fitted = Fitted.train(train_set, recipe, updater, out=out, test=test_set, source=source, progress=not quiet)
+    if method == "certified":
+        updater = CertifiedRemoval(lam=lam, sigma=sigma, epsilon=epsilon, delta=delta, on_exhausted=on_exhausted, seed=seed)
+        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec)
+    else:
+        fitted = Fitted.train(train_set, recipe, _updater(method, T0, j0, m), out=out, test=test_set, source=source,
+                              progress=not quiet, preprocess=spec)
     report = fitted.ledger.entries()[-1]["report"]
     if not quiet:
         acc = report["metrics"].get("test_acc")
-        console.print(f"trained {recipe.model} on {len(train_set)} rows in {report['seconds']:.2f} s"
+        what = "certified linear model" if method == "certified" else recipe.model
+        console.print(f"trained {what} on {len(train_set)} rows in {report['seconds']:.2f} s"
                       + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + f" -> {out}")
+        if method == "certified":
+            _print_certificate(report["guarantee"])
     _write_json(json_out, report)
 
 
 def _load(run: Path, data: Optional[str]):
     from .data import load_dataset
-    from .unlearn import Fitted
+    from .unlearn import RunModel
 
-    return Fitted.load(run, *load_dataset(data)) if data else Fitted.load(run)
+    return RunModel.load(run, *load_dataset(data)) if data else RunModel.load(run)
 
 
 @app.command()
@@ -235,13 +280,13 @@ def info(
     run: Path = typer.Argument(..., help="Run directory."),
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
 ):
-    """Show a run: recipe, data, current version, rows, accuracy."""
-    from .unlearn import Fitted
+    """Show a run: recipe, data, current version, rows, accuracy (and the certificate's budget)."""
+    from .unlearn import RunModel
 
-    fitted = Fitted.load(run)
+    fitted = RunModel.load(run)
     summary = {
         "run": str(run), "version": fitted.version, "model_hash": fitted.manifest["model_hash"],
-        "recipe": fitted.recipe.to_dict(), "data": {k: v for k, v in fitted.manifest["data"].items()},
+        "recipe": fitted.manifest.get("recipe"), "data": {k: v for k, v in fitted.manifest["data"].items()},
         "method": fitted.manifest["method"], "rows": int(fitted.active.sum()),
         "rows_deleted": int((~fitted.active).sum()), "rows_added": len(fitted.universe) - fitted.n_base,
         "test_acc": fitted.accuracy(),
@@ -249,8 +294,12 @@ def info(
     table = Table(show_header=False, box=None)
     for key in ("version", "model_hash", "rows", "rows_deleted", "rows_added", "test_acc"):
         table.add_row(key, str(summary[key]))
-    table.add_row("recipe", json.dumps(summary["recipe"]))
+    if summary["recipe"]:
+        table.add_row("recipe", json.dumps(summary["recipe"]))
     table.add_row("method", json.dumps(summary["method"]))
+    if hasattr(fitted, "guarantee"):
+        summary["certificate"] = fitted.guarantee()
+        table.add_row("certificate", json.dumps(summary["certificate"]))
     table.add_row("data", f"{summary['data']['name']} ({summary['data']['source'] or 'stored in the run'})")
     console.print(table)
     _write_json(json_out, summary)
@@ -281,7 +330,7 @@ def ledger(
 @app.command()
 @friendly
 def bench(
-    name: str = typer.Argument(..., help="Benchmark to run: deltagrad."),
+    name: str = typer.Argument(..., help="Benchmark to run: deltagrad or certified."),
     data: Path = typer.Option(Path("../shared/data"), help="Data folder (holds mnist/mnist.npz, ...)."),
     json_out: Path = typer.Option(None, "--json", help="Where to write the JSON rows (default benchmarks/results/NAME.json); "
                                   "a plot is written beside it."),

@@ -263,3 +263,21 @@ def load_ids(path) -> np.ndarray:
         return np.array([int(t) for t in tokens], dtype=np.int64)
     except ValueError as e:
         raise ExpungeError(f"{path}: ids must be integers ({e})") from e
+
+
+def preprocess(ds: IndexedDataset, classes=None, l2_normalize: bool = False) -> IndexedDataset:
+    """Keep only ``classes`` (relabelled 0..k-1 in the order given, e.g. [3, 8] for 3 vs 8) and/or
+    scale every row to unit L2 norm (what certified removal assumes). Ids are kept."""
+    if classes:
+        classes = [int(c) for c in classes]
+        if len(set(classes)) != len(classes) or len(classes) < 2:
+            raise ExpungeError(f"--classes needs at least two distinct labels, got {classes}")
+        keep = np.isin(ds.y, classes)
+        if not keep.any():
+            raise ExpungeError(f"{ds.name} has no rows with labels {classes}")
+        relabel = {c: i for i, c in enumerate(classes)}
+        ds = IndexedDataset(ds.X[keep], np.array([relabel[v] for v in ds.y[keep]]), ds.ids[keep], ds.name)
+    if l2_normalize:
+        norms = np.linalg.norm(ds.X, axis=1, keepdims=True)
+        ds = IndexedDataset(ds.X / np.maximum(norms, 1e-12), ds.y, ds.ids, ds.name)
+    return ds

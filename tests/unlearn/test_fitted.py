@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from expunge import DeltaGrad, ExpungeError, Fitted, IndexedDataset, Retrain, TrainRecipe
+from expunge import ledger as ledger_module
 from expunge.unlearn import fitted as fitted_module
 
 RECIPE = TrainRecipe(epochs=6, batch_size=64, lr=0.2, lr_steps=((3, 0.1),), weight_decay=1e-3, dtype="float64")
@@ -165,7 +166,7 @@ def test_a_crash_mid_update_leaves_the_previous_run_intact(run, monkeypatch):
 
 
 def test_a_crash_between_manifest_and_ledger_is_repaired_on_load(run, monkeypatch):
-    monkeypatch.setattr(fitted_module.Ledger, "append", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(ledger_module.Ledger, "append", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         run.forget([1001])
     monkeypatch.undo()

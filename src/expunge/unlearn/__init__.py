@@ -3,6 +3,7 @@
 from .base import UpdateReport, Updater
 from .deltagrad import DeltaGrad, DeltaGradConfig, deltagrad
 from .fitted import Fitted, make_updater
+from .run import RunModel
 from .retrain import Retrain
 
-__all__ = ["DeltaGrad", "DeltaGradConfig", "Fitted", "Retrain", "UpdateReport", "Updater", "deltagrad", "make_updater"]
+__all__ = ["DeltaGrad", "DeltaGradConfig", "Fitted", "RunModel", "Retrain", "UpdateReport", "Updater", "deltagrad", "make_updater"]
