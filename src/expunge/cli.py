@@ -90,7 +90,7 @@ def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optio
     default to the run's, then to the paper's (T0=5, j0=20, m=2)."""
     from .unlearn import make_updater
 
-    if not hasattr(fitted, "updater"):  # a certified run: its own Newton step, or retraining
+    if not hasattr(fitted, "updater"):  # a certified or SISA run: it knows its own update
         return method
     name = method or fitted.updater.name
     if name != "deltagrad":
@@ -126,6 +126,13 @@ def _print_report(report, quiet: bool) -> None:
         left = g["removals_left_estimate"]
         table.add_row("budget", f"spent {g['spent']:.3g} of {g['budget']:.3g}, left {g['budget_left']:.3g}"
                       + (f" (about {left} more typical removals)" if left is not None else ""))
+    elif "rows_full_retrain" in metrics:  # SISA
+        table.add_row("guarantee", "exact (only the affected shards were retrained)")
+        table.add_row("retrained", f"{metrics['shards_retrained']} shard(s), {metrics['stages_retrained']} stage(s); "
+                      f"{metrics['rows_processed']} rows processed vs {metrics['rows_full_retrain']} for full retraining")
+        if "identical_to_retrain" in metrics:
+            table.add_row("check", f"bit-identical to retraining from scratch: {metrics['identical_to_retrain']} "
+                          f"(retrain {metrics['retrain_s']:.3f} s, speedup {metrics['speedup']:.1f}x)")
     elif g.get("kind") == "approximate":
         table.add_row("guarantee", f"approximate: {g['explicit_iterations']}/{g['iterations']} explicit iterations "
                       f"(speedup bound {g['speedup_bound']:.2f}x)")
@@ -161,8 +168,10 @@ def train(
     weight_decay: float = typer.Option(1e-4, help="L2 coefficient lambda (objective mean loss + lambda/2 |w|^2)."),
     dtype: str = typer.Option("float64", help="float64 (what DeltaGrad's accuracy checks assume) or float32."),
     seed: int = typer.Option(0, help="Seed of the batch plan and the initialisation."),
-    method: str = typer.Option("deltagrad", help="Update method the run is trained for: deltagrad, retrain, or "
-                               "certified (a loss-perturbed linear model whose removals carry an (epsilon, delta) certificate)."),
+    optimizer: str = typer.Option("SGD", help="torch.optim class (SGD, Adam, AdamW, ...); DeltaGrad and retrain replay plain SGD."),
+    method: str = typer.Option("deltagrad", help="Update method the run is trained for: deltagrad, retrain, "
+                               "certified (a loss-perturbed linear model whose removals carry an (epsilon, delta) certificate), "
+                               "or sisa (sharded, sliced ensemble: exact deletion by retraining one shard)."),
     T0: int = typer.Option(5, "--T0", help="DeltaGrad: period of explicit iterations after the burn-in."),
     j0: int = typer.Option(20, help="DeltaGrad: burn-in iterations computed explicitly."),
     m: int = typer.Option(2, help="DeltaGrad: L-BFGS history length."),
@@ -172,6 +181,12 @@ def train(
     delta: float = typer.Option(1e-4, help="Certified: delta of the certificate."),
     on_exhausted: str = typer.Option("retrain", help="Certified: when a removal would exceed the budget, 'retrain' "
                                      "from scratch with fresh noise or 'refuse' the request."),
+    shards: int = typer.Option(5, help="SISA: number of disjoint shards (one model each)."),
+    slices: int = typer.Option(1, help="SISA: slices per shard (a checkpoint after each)."),
+    aggregation: str = typer.Option("vote", help="SISA: combine shard models by majority 'vote' or 'mean' softmax."),
+    backend: str = typer.Option("local", help="SISA: train shards in 'local' worker processes or on 'ray'."),
+    workers: Optional[int] = typer.Option(None, help="SISA, local backend: worker processes (default: CPU cores)."),
+    address: Optional[str] = typer.Option(None, help="SISA, ray backend: cluster address to join (default: start a local one)."),
     classes: Optional[str] = typer.Option(None, help="Keep only these labels, relabelled in order: --classes 3,8."),
     l2_normalize: bool = typer.Option(False, help="Scale every row to unit L2 norm (certified removal assumes ||x|| <= 1)."),
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
@@ -182,9 +197,11 @@ def train(
     from .recipe import TrainRecipe
     from .unlearn import Fitted
     from .unlearn.certified import CertifiedRemoval
+    from .unlearn.sisa import SISA
 
     recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None, lr=lr,
-                         lr_steps=_parse_lr_steps(lr_step), weight_decay=weight_decay, dtype=dtype, seed=seed)
+                         lr_steps=_parse_lr_steps(lr_step), weight_decay=weight_decay, dtype=dtype, seed=seed,
+                         optimizer=optimizer)
     spec = None
     if classes or l2_normalize:
         try:
@@ -199,13 +216,18 @@ def train(
     if method == "certified":
         updater = CertifiedRemoval(lam=lam, sigma=sigma, epsilon=epsilon, delta=delta, on_exhausted=on_exhausted, seed=seed)
         fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec)
+    elif method == "sisa":
+        updater = SISA(shards=shards, slices=slices, aggregation=aggregation, backend=backend, workers=workers,
+                       address=address)
+        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec)
     else:
         fitted = Fitted.train(train_set, recipe, _updater(method, T0, j0, m), out=out, test=test_set, source=source,
                               progress=not quiet, preprocess=spec)
     report = fitted.ledger.entries()[-1]["report"]
     if not quiet:
         acc = report["metrics"].get("test_acc")
-        what = "certified linear model" if method == "certified" else recipe.model
+        what = {"certified": "certified linear model", "sisa": f"SISA ensemble of {shards} {recipe.model} models"}.get(
+            method, recipe.model)
         console.print(f"trained {what} on {len(train_set)} rows in {report['seconds']:.2f} s"
                       + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + f" -> {out}")
         if method == "certified":
@@ -330,7 +352,7 @@ def ledger(
 @app.command()
 @friendly
 def bench(
-    name: str = typer.Argument(..., help="Benchmark to run: deltagrad or certified."),
+    name: str = typer.Argument(..., help="Benchmark to run: deltagrad, certified or sisa."),
     data: Path = typer.Option(Path("../shared/data"), help="Data folder (holds mnist/mnist.npz, ...)."),
     json_out: Path = typer.Option(None, "--json", help="Where to write the JSON rows (default benchmarks/results/NAME.json); "
                                   "a plot is written beside it."),

@@ -120,6 +120,8 @@ def load_dataset(spec: str) -> tuple[IndexedDataset, IndexedDataset | None]:
       recognised.
     - ``PATH`` of IDX files (``*-images-idx3-ubyte[.gz]``): MNIST-format folders such as
       Fashion-MNIST's.
+    - ``PATH/location`` (or its ``bangkok`` file): the Location check-in dataset of Shokri et al.
+      (label 1..30 first, 446 binary features), a fixed 80/20 train/test split.
     """
     if spec == "digits":
         return _load_digits()
@@ -129,10 +131,14 @@ def load_dataset(spec: str) -> tuple[IndexedDataset, IndexedDataset | None]:
             path = path / "mnist.npz"
         elif any(path.glob("*idx3-ubyte*")):
             return _load_idx_folder(path)
+    if path.is_dir() and (path / "bangkok").exists():
+        path = path / "bangkok"
     if not path.exists():
         raise ExpungeError(
             f"dataset {spec!r} not found; give 'digits', an .npz or .csv file, or a folder of IDX files"
         )
+    if path.name == "bangkok":
+        return _load_location(path)
     if path.suffix == ".npz":
         return _load_npz(path)
     if path.suffix == ".csv":
@@ -153,6 +159,15 @@ def _load_digits():
         IndexedDataset(X[tr], y[tr], tr, "digits"),
         IndexedDataset(X[te], y[te], te, "digits-test"),
     )
+
+
+def _load_location(path: Path):
+    table = np.loadtxt(path, delimiter=",", converters={0: lambda v: float(str(v).strip('"'))}, dtype=np.float32)
+    X, y = table[:, 1:], table[:, 0].astype(np.int64) - 1
+    order = np.random.default_rng(0).permutation(len(y))
+    n_train = int(0.8 * len(y))
+    tr, te = np.sort(order[:n_train]), np.sort(order[n_train:])
+    return (IndexedDataset(X[tr], y[tr], tr, "location"), IndexedDataset(X[te], y[te], te, "location-test"))
 
 
 def _scaled(x: np.ndarray) -> np.ndarray:

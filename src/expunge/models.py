@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .errors import ExpungeError
 from .recipe import TrainRecipe
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -28,13 +29,32 @@ def build_model(recipe: TrainRecipe, n_features: int, n_classes: int) -> nn.Modu
         return model
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(recipe.seed)
-    layers, width = [], n_features
-    for h in recipe.hidden:
-        layers += [nn.Linear(width, h, dtype=dtype), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, n_classes, dtype=dtype))
-    torch.random.set_rng_state(generator_state)
-    return nn.Sequential(*layers)
+    try:
+        if recipe.model == "cnn":
+            return small_cnn(n_features, n_classes, dtype)
+        layers, width = [], n_features
+        for h in recipe.hidden:
+            layers += [nn.Linear(width, h, dtype=dtype), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, n_classes, dtype=dtype))
+        return nn.Sequential(*layers)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def small_cnn(n_features: int, n_classes: int, dtype=torch.float32) -> nn.Module:
+    """Two 3x3 conv layers with max-pooling and a linear head, for square one-channel images given
+    as flat rows (MNIST, Fashion-MNIST, digits)."""
+    side = int(round(n_features**0.5))
+    if side * side != n_features or side < 4:
+        raise ExpungeError(f"the cnn takes square one-channel images of at least 4x4 as flat rows; {n_features} features "
+                           "are not one (use logreg or mlp)")
+    return nn.Sequential(
+        nn.Unflatten(1, (1, side, side)),
+        nn.Conv2d(1, 8, 3, padding=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1, dtype=dtype), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * (side // 4) ** 2, n_classes, dtype=dtype),
+    )
 
 
 class FlatModel:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ExpungeError
 
-MODELS = ("logreg", "mlp")
+MODELS = ("logreg", "mlp", "cnn")
 DTYPES = ("float32", "float64")
 
 
@@ -23,7 +23,8 @@ DTYPES = ("float32", "float64")
 class TrainRecipe:
     """Everything that decides the trained weights, given the data.
 
-    ``batch_size=None`` means full-batch gradient descent. ``lr_steps`` is a step schedule:
+    ``batch_size=None`` means full-batch gradient descent. ``optimizer`` names a ``torch.optim`` class
+    (``SGD``, ``Adam``, ...); DeltaGrad and exact retraining replay plain SGD, SISA takes any. ``lr_steps`` is a step schedule:
     ``((10, 0.05),)`` switches the learning rate to 0.05 from epoch 10 on. ``weight_decay`` is the
     L2 coefficient lambda of the objective mean_i loss_i + lambda/2 ||w||^2 (all parameters).
     """
@@ -37,6 +38,7 @@ class TrainRecipe:
     weight_decay: float = 1e-4
     dtype: str = "float64"
     seed: int = 0
+    optimizer: str = "SGD"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -55,6 +57,11 @@ class TrainRecipe:
             raise ExpungeError("learning rates must be positive, finite numbers")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ExpungeError(f"weight decay must be >= 0, got {self.weight_decay}")
+        import torch
+
+        optimizer = getattr(torch.optim, self.optimizer, None)
+        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+            raise ExpungeError(f"unknown optimizer {self.optimizer!r}; name a torch.optim class such as SGD, Adam or AdamW")
         if self.seed < 0:
             raise ExpungeError(f"seed must be a non-negative integer, got {self.seed}")
         if any(h < 1 for h in self.hidden):

@@ -30,8 +30,9 @@ def make_updater(method: "str | Updater", **config) -> Updater:
     from .certified import CertifiedRemoval
     from .deltagrad import DeltaGrad
     from .retrain import Retrain
+    from .sisa import SISA
 
-    methods = {"deltagrad": DeltaGrad, "retrain": Retrain, "certified": CertifiedRemoval}
+    methods = {"deltagrad": DeltaGrad, "retrain": Retrain, "certified": CertifiedRemoval, "sisa": SISA}
     if method not in methods:
         raise ExpungeError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
     return methods[method](**config)
@@ -79,8 +80,11 @@ class Fitted(RunModel):
         when the run is reopened.
         """
         updater = make_updater(updater)
-        if updater.name == "certified":
-            raise ExpungeError("certified removal trains its own way: use CertifiedRemoval(...).fit(data)")
+        if updater.name in ("certified", "sisa"):
+            raise ExpungeError(f"{updater.name} trains its own way: use its updater's fit(data, ...)")
+        if recipe.optimizer != "SGD":
+            raise ExpungeError(f"DeltaGrad and exact retraining replay plain SGD, not {recipe.optimizer}; "
+                               "use --method sisa for other optimizers")
         run, manifest, created = cls._new_run(data, out, test, source, {"name": updater.name, "config": updater.config()},
                                               preprocess)
         manifest["recipe"] = recipe.to_dict()

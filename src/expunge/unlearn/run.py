@@ -260,6 +260,10 @@ def _model_class(method: str) -> type[RunModel]:
         from .certified import CertifiedFitted
 
         return CertifiedFitted
+    if method == "sisa":
+        from .sisa import SISAFitted
+
+        return SISAFitted
     from .fitted import Fitted
 
     return Fitted
