@@ -338,3 +338,26 @@ def test_certified_with_an_mlp_is_a_clean_error(tmp_path):
     result = invoke("train", "--data", "digits", "--out", tmp_path / "cert", "--method", "certified",
                     "--l2-normalize", "--model", "mlp")
     assert_clean_failure(result, "linear model")
+
+
+# ----------------------------------------------------------------------------- SISA
+
+
+def test_sisa_train_and_forget_is_exact(tmp_path):
+    run = tmp_path / "sisa"
+    result = invoke("train", "--data", "digits", "--out", run, "--method", "sisa", "--shards", "3", "--slices", "2",
+                    "--model", "mlp", "--hidden", "16", "--optimizer", "Adam", "--lr", "0.01", "--epochs", "2",
+                    "--batch-size", "64", "--dtype", "float32", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "forget.json"
+    result = invoke("forget", run, "--ratio", "0.002", "--json", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["guarantee"] == {"kind": "exact"}
+    assert data["metrics"]["identical_to_retrain"] is True
+    assert data["metrics"]["rows_processed"] < data["metrics"]["rows_full_retrain"]
+
+
+def test_deltagrad_with_adam_is_a_clean_error(tmp_path):
+    result = invoke("train", "--data", "digits", "--out", tmp_path / "r", *TRAIN, "--optimizer", "Adam")
+    assert_clean_failure(result, "plain SGD", "sisa")

@@ -2,20 +2,11 @@
 
 Speed is not asserted here; `expunge bench certified` measures it side by side."""
 
-import os
-from pathlib import Path
-
-import pytest
-
 from expunge.bench import certified as bench
 
-DATA = Path(os.environ.get("EXPUNGE_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+from .shared_data import DATA, needs
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (DATA / "mnist" / "mnist.npz").exists(),
-                       reason=f"real MNIST not found at {DATA}/mnist/mnist.npz (set EXPUNGE_DATA to the shared data folder)"),
-]
+pytestmark = needs("mnist/mnist.npz")
 
 
 def test_certified_removal_on_mnist_3_vs_8():

@@ -3,3 +3,17 @@ JSON rows and a plot beside them. Speed is measured here, side by side, never in
 
 BENCHMARKS = {"deltagrad": "expunge.bench.deltagrad", "certified": "expunge.bench.certified",
               "sisa": "expunge.bench.sisa"}
+
+
+def report(rows: list[dict], json_out, table, plot, console=None) -> list[dict]:
+    """Print the benchmark's table, write its JSON rows, and the plot beside them (same name, .png)."""
+    import json
+    from pathlib import Path
+
+    if console is not None:
+        console.print(table(rows))
+    json_out = Path(json_out)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, json_out.with_suffix(".png"))
+    return rows

@@ -11,7 +11,6 @@ the same tolerance) and the removal step are timed in the same process; the medi
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import report
 from ..data import IndexedDataset
 from ..errors import ExpungeError
 from ..unlearn.certified import (Objective, newton_removal, newton_solve, removal_budget, spectral_norm,
@@ -176,10 +176,4 @@ def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progres
     if not (Path(data_dir) / "mnist" / "mnist.npz").exists():
         raise ExpungeError(f"{Path(data_dir) / 'mnist' / 'mnist.npz'} not found; pass --data pointing at the shared data folder")
     rows = run(data_dir, repeats=repeats, limit=limit, progress=progress, console=console)
-    if console is not None:
-        console.print(table(rows))
-    json_out = Path(json_out)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, json_out.with_suffix(".png"))
-    return rows
+    return report(rows, json_out, table, plot, console)

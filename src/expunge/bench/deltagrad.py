@@ -8,7 +8,6 @@ process (repeats, median), both computing only the weights: neither writes a tra
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import report
 from ..data import load_dataset
 from ..errors import ExpungeError
 from ..models import FlatModel, build_model
@@ -43,7 +43,8 @@ def _accuracy(flat: FlatModel, w: torch.Tensor, X: torch.Tensor, y: np.ndarray) 
     return float((flat.predict(w, X).numpy() == y).mean())
 
 
-def run(data_dir, repeats: int = 3, limit: int | None = None, j0: int = 20, m: int = 2, progress: bool = True) -> list[dict]:
+def run(data_dir, repeats: int = 3, limit: int | None = None, j0: int = 20, m: int = 2, progress: bool = True,
+        cases=CASES) -> list[dict]:
     """Measure every case; ``limit`` trains on the first rows only (for smoke tests)."""
     train_set, test_set = _mnist(Path(data_dir))
     if limit:
@@ -54,7 +55,7 @@ def run(data_dir, repeats: int = 3, limit: int | None = None, j0: int = 20, m: i
     rng = np.random.default_rng(0)
     rows, cached = [], {}
     with tempfile.TemporaryDirectory(prefix="expunge-bench-") as tmp:
-        for model, task, ratio, T0 in CASES:
+        for model, task, ratio, T0 in cases:
             recipe = TrainRecipe.from_dict({**RECIPE.to_dict(), "model": model, "hidden": [64],
                                             "batch_size": RECIPE.batch_size if not limit else max(64, n // 4)})
             flat = FlatModel(build_model(recipe, train_set.n_features, 10))
@@ -140,10 +141,4 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None) -> list[dict]:
     rows = run(data_dir, repeats=repeats, limit=limit, progress=progress)
-    if console is not None:
-        console.print(table(rows))
-    json_out = Path(json_out)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, json_out.with_suffix(".png"))
-    return rows
+    return report(rows, json_out, table, plot, console)

@@ -10,7 +10,6 @@ backend (one process per core for the initial training, in-process for a one-sha
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import report
 from ..data import load_dataset
 from ..errors import ExpungeError
 from ..recipe import TrainRecipe
@@ -143,10 +143,4 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None) -> list[dict]:
     rows = run(data_dir, repeats=repeats, limit=limit, progress=progress, console=console,
                timed=3 if limit else 10)
-    if console is not None:
-        console.print(table(rows))
-    json_out = Path(json_out)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, json_out.with_suffix(".png"))
-    return rows
+    return report(rows, json_out, table, plot, console)

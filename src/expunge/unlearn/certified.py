@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -330,30 +329,23 @@ class CertifiedFitted(RunModel):
         check_row_norms(data.X)
         run, manifest, created = cls._new_run(data, out, test, source, {"name": "certified", "config": asdict(settings)},
                                               preprocess)
-        try:
-            with run.lock():
-                if source is None:
-                    cls._store_base(run, data, test, manifest)
-                active = np.ones(len(data), bool)
-                model = cls(run, manifest, data, active, test, None, None, {})
-                start = time.perf_counter()
-                model.b = model._noise(0)
-                W, grad_norm, steps = model._fit(active, model.b)
-                seconds = time.perf_counter() - start
-                model.W = W
-                model.state = {"budget": settings.budget, "spent": grad_norm, "removals": 0, "retrains": 0,
-                               "noise_draw": 0, "train_grad_norm": grad_norm, "x_norm": spectral_norm(model.X, active),
-                               "typical_bound": 0.0}
-                model.state["typical_bound"] = model._typical_bound()
-                report = UpdateReport("certified", "train", [], seconds, None, weights_hash(W), model.guarantee(),
-                                      {"rows": len(data), "test_acc": model.accuracy(), "newton_steps": steps,
-                                       "train_grad_norm": grad_norm})
-                model._commit_state(report, W, model.b, model.state, data, active)
-            return model
-        except BaseException:
-            if created:
-                shutil.rmtree(run.path, ignore_errors=True)
-            raise
+        with cls._creating(run, manifest, created, data, test, source):
+            active = np.ones(len(data), bool)
+            model = cls(run, manifest, data, active, test, None, None, {})
+            start = time.perf_counter()
+            model.b = model._noise(0)
+            W, grad_norm, steps = model._fit(active, model.b)
+            seconds = time.perf_counter() - start
+            model.W = W
+            model.state = {"budget": settings.budget, "spent": grad_norm, "removals": 0, "retrains": 0,
+                           "noise_draw": 0, "train_grad_norm": grad_norm, "x_norm": spectral_norm(model.X, active),
+                           "typical_bound": 0.0}
+            model.state["typical_bound"] = model._typical_bound()
+            report = UpdateReport("certified", "train", [], seconds, None, weights_hash(W), model.guarantee(),
+                                  {"rows": len(data), "test_acc": model.accuracy(), "newton_steps": steps,
+                                   "train_grad_norm": grad_norm})
+            model._commit_state(report, W, model.b, model.state, data, active)
+        return model
 
     @classmethod
     def _open(cls, run, manifest, folder: Path, universe, active, test) -> "CertifiedFitted":

@@ -3,7 +3,6 @@ by DeltaGrad or exact retraining (see run.py for what every run shares)."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -88,26 +87,19 @@ class Fitted(RunModel):
         run, manifest, created = cls._new_run(data, out, test, source, {"name": updater.name, "config": updater.config()},
                                               preprocess)
         manifest["recipe"] = recipe.to_dict()
-        try:
-            with run.lock():
-                if source is None:
-                    cls._store_base(run, data, test, manifest)
-                fitted = cls(run, manifest, data, np.ones(len(data), bool), test)
-                fitted.w0 = fitted.flat.get_flat()
-                with run.staging() as stage:
-                    trajectory = Trajectory.create(stage / TRAJECTORY, fitted.plan.n_iterations,
-                                                   fitted.flat.n_params, fitted.flat.dtype)
-                    start = time.perf_counter()
-                    w = train(fitted.ws, fitted.active, fitted.w0, trajectory, progress)
-                    report = UpdateReport("train", "train", [], time.perf_counter() - start, None, weights_hash(w),
-                                          {"kind": "exact", "iterations": fitted.plan.n_iterations},
-                                          fitted._metrics(w, fitted.active))
-                    fitted._commit_weights(stage, trajectory, report, w, data, fitted.active)
-            return fitted
-        except BaseException:
-            if created:  # a failed training leaves no half-made run directory behind
-                shutil.rmtree(run.path, ignore_errors=True)
-            raise
+        with cls._creating(run, manifest, created, data, test, source):
+            fitted = cls(run, manifest, data, np.ones(len(data), bool), test)
+            fitted.w0 = fitted.flat.get_flat()
+            with run.staging() as stage:
+                trajectory = Trajectory.create(stage / TRAJECTORY, fitted.plan.n_iterations,
+                                               fitted.flat.n_params, fitted.flat.dtype)
+                start = time.perf_counter()
+                w = train(fitted.ws, fitted.active, fitted.w0, trajectory, progress)
+                report = UpdateReport("train", "train", [], time.perf_counter() - start, None, weights_hash(w),
+                                      {"kind": "exact", "iterations": fitted.plan.n_iterations},
+                                      fitted._metrics(w, fitted.active))
+                fitted._commit_weights(stage, trajectory, report, w, data, fitted.active)
+        return fitted
 
     @classmethod
     def _open(cls, run, manifest, folder: Path, universe, active, test) -> "Fitted":

@@ -11,6 +11,7 @@ artifact.py). A request that fails at any point leaves the run directory as it w
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import uuid
@@ -79,6 +80,22 @@ class RunModel:
             "version": 0,
         }
         return run, manifest, created
+
+    @classmethod
+    @contextlib.contextmanager
+    def _creating(cls, run: RunDirectory, manifest: dict, created: bool, data: IndexedDataset,
+                  test: IndexedDataset | None, source: str | None):
+        """The frame of every training: hold the lock, keep a copy of data with no source, and
+        remove a half-made run directory if training fails."""
+        try:
+            with run.lock():
+                if source is None:
+                    cls._store_base(run, data, test, manifest)
+                yield
+        except BaseException:
+            if created:
+                shutil.rmtree(run.path, ignore_errors=True)
+            raise
 
     @staticmethod
     def _store_base(run: RunDirectory, data: IndexedDataset, test: IndexedDataset | None, manifest: dict) -> None:

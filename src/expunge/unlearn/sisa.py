@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -157,7 +156,8 @@ def run_jobs(jobs: list[ShardJob], config: SISAConfig) -> list[list[np.ndarray]]
             ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, ignore_reinit_error=True)
         task = ray.remote(num_cpus=1)(train_shard)
-        return ray.get([task.remote(job) for job in jobs])
+        # Ray hands back read-only arrays: copy them so they behave like the local backend's
+        return [[np.array(w) for w in ws] for ws in ray.get([task.remote(job) for job in jobs])]
     workers = min(config.workers or os.cpu_count() or 1, len(jobs))
     if workers == 1:
         return [_train_inline(job) for job in jobs]
@@ -206,23 +206,30 @@ class SISAFitted(RunModel):
 
     # ------------------------------------------------------------------ views
 
-    def _shard_model(self, s: int) -> torch.nn.Module:
-        model = build_model(self.recipe, self.universe.n_features, self.n_classes)
-        FlatModel(model).set_flat(torch.from_numpy(self.checkpoints[(s, self.settings.slices - 1)]))
-        return model
+    def ensemble(self, checkpoints: dict | None = None, active: np.ndarray | None = None,
+                 shard: np.ndarray | None = None) -> torch.nn.Module:
+        """The non-empty shards' final models as one ``torch.nn.Module`` (current state by default)."""
+        checkpoints = self.checkpoints if checkpoints is None else checkpoints
+        active = self.active if active is None else active
+        shard = self.shard if shard is None else shard
+        models = []
+        for s in range(self.settings.shards):
+            if (active & (shard[: len(active)] == s)).any():
+                model = build_model(self.recipe, self.universe.n_features, self.n_classes)
+                FlatModel(model).set_flat(torch.from_numpy(checkpoints[(s, self.settings.slices - 1)]))
+                models.append(model)
+        return SISAEnsemble(models, self.settings.aggregation).eval()
 
     @property
     def model(self) -> torch.nn.Module:
-        """The ensemble of the non-empty shards' final models, as one ``torch.nn.Module``."""
-        live = [s for s in range(self.settings.shards) if (self.active & (self.shard == s)).any()]
-        return SISAEnsemble([self._shard_model(s) for s in live], self.settings.aggregation).eval()
+        return self.ensemble()
 
-    def accuracy(self, data: IndexedDataset | None = None) -> float | None:
+    def accuracy(self, data: IndexedDataset | None = None, ensemble: torch.nn.Module | None = None) -> float | None:
         data = self.test if data is None else data
         if data is None or len(data) == 0:
             return None
         with torch.no_grad():
-            scores = self.model(torch.from_numpy(data.X).to(DTYPES[self.recipe.dtype]))
+            scores = (ensemble or self.model)(torch.from_numpy(data.X).to(DTYPES[self.recipe.dtype]))
         return float((scores.argmax(1).numpy() == data.y).mean())
 
     def rows_processed(self, jobs: list[ShardJob]) -> int:
@@ -248,28 +255,21 @@ class SISAFitted(RunModel):
         run, manifest, created = cls._new_run(data, out, test, source, {"name": "sisa", "config": asdict(settings)},
                                               preprocess)
         manifest["recipe"] = recipe.to_dict()
-        try:
-            with run.lock():
-                if source is None:
-                    cls._store_base(run, data, test, manifest)
-                shard, slice_ = assign(len(data), settings, recipe.seed)
-                active = np.ones(len(data), bool)
-                model = cls(run, manifest, data, active, test, shard, slice_, {})
-                jobs = [model._job(s, 0, data, active, shard, slice_) for s in range(settings.shards)]
-                start = time.perf_counter()
-                results = run_jobs(jobs, settings)
-                seconds = time.perf_counter() - start
-                checkpoints = {(job.shard, stage): w for job, ws in zip(jobs, results)
-                               for stage, w in zip(range(job.start_stage, job.slices), ws)}
-                report = UpdateReport("sisa", "train", [], seconds, None, _hash(checkpoints), {"kind": "exact"},
-                                      {"rows": len(data), "rows_processed": model.rows_processed(jobs)})
-                model._commit_state(report, checkpoints, set(checkpoints), data, active, shard, slice_)
-                report.metrics["test_acc"] = model.accuracy()
-            return model
-        except BaseException:
-            if created:
-                shutil.rmtree(run.path, ignore_errors=True)
-            raise
+        with cls._creating(run, manifest, created, data, test, source):
+            shard, slice_ = assign(len(data), settings, recipe.seed)
+            active = np.ones(len(data), bool)
+            model = cls(run, manifest, data, active, test, shard, slice_, {})
+            jobs = [model._job(s, 0, data, active, shard, slice_) for s in range(settings.shards)]
+            start = time.perf_counter()
+            results = run_jobs(jobs, settings)
+            seconds = time.perf_counter() - start
+            checkpoints = {(job.shard, stage): w for job, ws in zip(jobs, results)
+                           for stage, w in zip(range(job.start_stage, job.slices), ws)}
+            report = UpdateReport("sisa", "train", [], seconds, None, _hash(checkpoints), {"kind": "exact"},
+                                  {"rows": len(data), "rows_processed": model.rows_processed(jobs),
+                                   "test_acc": model.accuracy(ensemble=model.ensemble(checkpoints))})
+            model._commit_state(report, checkpoints, set(checkpoints), data, active, shard, slice_)
+        return model
 
     @classmethod
     def _open(cls, run, manifest, folder: Path, universe, active, test) -> "SISAFitted":
@@ -319,10 +319,10 @@ class SISAFitted(RunModel):
                 metrics["identical_to_retrain"] = all(
                     np.array_equal(checkpoints[(job.shard, stage)], w)
                     for job, ws in zip(all_jobs, reference) for stage, w in enumerate(ws))
+            metrics["test_acc"] = self.accuracy(ensemble=self.ensemble(checkpoints, new_active, shard))
             report = UpdateReport("sisa", kind, ids.tolist(), seconds, _hash(self.checkpoints), _hash(checkpoints),
                                   {"kind": "exact"}, metrics)
             self._commit_state(report, checkpoints, fresh, universe, new_active, shard, slice_)
-            report.metrics["test_acc"] = self.accuracy()
         return report
 
     def _commit_state(self, report, checkpoints, fresh, universe, active, shard, slice_) -> None:
@@ -336,7 +336,7 @@ class SISAFitted(RunModel):
                 if (s, r) not in fresh and current is not None:
                     os.link(current / target.name, target)
                 else:
-                    save_file({"w": torch.from_numpy(np.array(w))}, str(target))  # a copy: Ray returns read-only arrays
+                    save_file({"w": torch.from_numpy(w)}, str(target))
             with open(stage / ASSIGNMENT, "wb") as f:
                 np.savez(f, shard=shard, slice=slice_)
             self._commit(stage, report, universe, active)
