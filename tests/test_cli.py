@@ -200,14 +200,14 @@ def test_both_ids_and_ratio_is_a_clean_error(run, tmp_path):
     ids_file = write_ids(tmp_path / "ids.txt", [0])
     before = snapshot(run)
     result = invoke("forget", run, "--ids", ids_file, "--ratio", "0.01")
-    assert_clean_failure(result, "exactly one of --ids FILE or --ratio R")
+    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R or --class K")
     assert snapshot(run) == before
 
 
 def test_neither_ids_nor_ratio_is_a_clean_error(run):
     before = snapshot(run)
     result = invoke("forget", run)
-    assert_clean_failure(result, "exactly one of --ids FILE or --ratio R")
+    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R or --class K")
     assert snapshot(run) == before
 
 
@@ -361,3 +361,34 @@ def test_sisa_train_and_forget_is_exact(tmp_path):
 def test_deltagrad_with_adam_is_a_clean_error(tmp_path):
     result = invoke("train", "--data", "digits", "--out", tmp_path / "r", *TRAIN, "--optimizer", "Adam")
     assert_clean_failure(result, "plain SGD", "sisa")
+
+
+# ----------------------------------------------------------------------------- Fisher forgetting and evaluate
+
+
+def test_forget_a_class_with_fisher_then_evaluate_against_retraining(tmp_path):
+    args = ["--model", "mlp", "--hidden", "16", "--epochs", "4", "--batch-size", "64", "--dtype", "float32"]
+    original = tmp_path / "original"
+    assert invoke("train", "--data", "digits", "--out", original, *args).exit_code == 0
+    scrubbed, reference = tmp_path / "scrubbed", tmp_path / "reference"
+    for copy_to in (scrubbed, reference):
+        shutil.copytree(original, copy_to)
+    result = invoke("forget", scrubbed, "--class", "3", "--method", "fisher", "--json", tmp_path / "f.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "f.json").read_text())["guarantee"]["classes_dropped"] == [3]
+    assert invoke("forget", reference, "--class", "3", "--method", "retrain", "--no-compare").exit_code == 0
+    report = tmp_path / "report"
+    result = invoke("evaluate", scrubbed, "--reference", reference, "--original", original, "--out", report,
+                    "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "e.json").read_text())
+    assert figures["model"]["forget_acc"] == 0.0  # the class is gone
+    assert {"kl_to_retrain", "mia_auc", "relearn_steps"} <= set(figures["model"])
+    assert (report / "report.md").exists() and (report / "report.png").exists()
+    # after scrubbing there is no trajectory: DeltaGrad says what to do
+    assert_clean_failure(invoke("forget", scrubbed, "--ratio", "0.01"), "retrain")
+
+
+def test_evaluate_without_deletions_is_a_clean_error(trained):
+    run, _, _ = trained
+    assert_clean_failure(invoke("evaluate", run), "no forget set")

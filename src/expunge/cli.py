@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -26,8 +27,10 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 
-METHOD_HELP = ("Update method: deltagrad (fast, approximate, from the cached trajectory), retrain (exact), or "
-               "certified (Newton step with an (epsilon, delta) certificate; runs trained with --method certified).")
+METHOD_HELP = ("Update method: deltagrad (fast, approximate, from the cached trajectory), retrain (exact), "
+               "certified (Newton step with an (epsilon, delta) certificate; runs trained with --method certified), "
+               "fisher (Fisher-noise scrubbing), finetune (on the remaining rows) or ascent (gradient ascent on the "
+               "forgotten rows); the last three leave no trajectory, so DeltaGrad needs a retrain after them.")
 JSON_HELP = "Also write the result as JSON to this file ('-' for standard output)."
 
 
@@ -126,6 +129,9 @@ def _print_report(report, quiet: bool) -> None:
         left = g["removals_left_estimate"]
         table.add_row("budget", f"spent {g['spent']:.3g} of {g['budget']:.3g}, left {g['budget_left']:.3g}"
                       + (f" (about {left} more typical removals)" if left is not None else ""))
+    elif g.get("kind") in ("scrubbed", "none"):
+        table.add_row("guarantee", "none: scrubbing/fine-tuning is judged by `expunge evaluate` against a retrained run"
+                      if g["kind"] == "none" else f"none (Fisher scrubbing, lam={g['lam']:g}, noise norm {g['noise_norm']:.3g})")
     elif "rows_full_retrain" in metrics:  # SISA
         table.add_row("guarantee", "exact (only the affected shards were retrained)")
         table.add_row("retrained", f"{metrics['shards_retrained']} shard(s), {metrics['stages_retrained']} stage(s); "
@@ -248,6 +254,9 @@ def forget(
     run: Path = RUN_ARGUMENT,
     ids: Optional[Path] = typer.Option(None, help="File of ids to delete (integers separated by spaces, commas or lines)."),
     ratio: Optional[float] = typer.Option(None, help="Instead of --ids: delete this random fraction of rows (0 < R < 1)."),
+    label: Optional[int] = typer.Option(None, "--class", help="Instead of --ids: delete every row of this class."),
+    scrub_lam: float = typer.Option(1e-9, help="Fisher: lambda * sigma_h^2, the scale of the Fisher-shaped noise."),
+    newton: bool = typer.Option(False, help="Fisher: take the Newton step on the remaining data first (small models)."),
     seed: int = typer.Option(0, help="Seed for --ratio."),
     method: Optional[str] = METHOD_OPTION,
     T0: Optional[int] = T0_OPTION,
@@ -261,11 +270,23 @@ def forget(
     """Delete rows and update the model (DeltaGrad or exact retraining)."""
     from .data import load_ids
 
-    if (ids is None) == (ratio is None):
-        raise ExpungeError("give exactly one of --ids FILE or --ratio R")
+    if sum(x is not None for x in (ids, ratio, label)) != 1:
+        raise ExpungeError("give exactly one of --ids FILE, --ratio R or --class K")
     fitted = _load(run, data)
-    chosen = load_ids(ids) if ids is not None else fitted.sample_ids(ratio, seed)
-    updater = _request_updater(fitted, method, T0, j0, m)
+    if ids is not None:
+        chosen = load_ids(ids)
+    elif ratio is not None:
+        chosen = fitted.sample_ids(ratio, seed)
+    else:
+        chosen = fitted.universe.ids[fitted.active & (fitted.universe.y == label)]
+        if len(chosen) == 0:
+            raise ExpungeError(f"no current rows have label {label}")
+    if method == "fisher":
+        from .unlearn.fisher import Fisher
+
+        updater = Fisher(lam=scrub_lam, newton=newton, seed=seed)
+    else:
+        updater = _request_updater(fitted, method, T0, j0, m)
     report = fitted.forget(chosen, method=updater, compare=compare, progress=not quiet)
     _print_report(report, quiet)
     _write_json(json_out, report.to_dict())
@@ -329,6 +350,79 @@ def info(
 
 @app.command()
 @friendly
+def evaluate(
+    run: Path = typer.Argument(..., help="Run whose current model is scored (its deleted rows are the forget set)."),
+    reference: Optional[Path] = typer.Option(None, help="Run retrained without the same rows (the exact reference)."),
+    original: Optional[Path] = typer.Option(None, help="Run holding the model before the deletion (for relearn steps)."),
+    shadows: int = typer.Option(0, help="Shadow models for offline LiRA (trained with the run's recipe on halves of the "
+                                "retained rows); 0 skips LiRA."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default RUN/reports/vVERSION)."),
+    json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
+):
+    """Score a model against exact retraining: forget/retain/test accuracy, distance and KL to the
+    retrained model, membership inference on the forget set, relearn steps; writes JSON, Markdown, a plot."""
+    from . import evaluate as ev
+    from .unlearn import RunModel
+
+    fitted = RunModel.load(run)
+    if not hasattr(fitted, "model"):
+        raise ExpungeError(f"{run} has no single torch model to score")
+    deleted = np.flatnonzero(~fitted.active)
+    if len(deleted) == 0:
+        raise ExpungeError(f"{run} has deleted no rows yet: there is no forget set to score")
+    forget, retain, test = fitted.universe.take(deleted), fitted.data, fitted.test
+    if test is None:
+        raise ExpungeError(f"{run} has no test split: train it on a dataset with one (npz with x_test, digits, location)")
+    gone = sorted(set(forget.y.tolist()) - set(retain.y.tolist()))  # classes removed completely
+    heldout = test.take(np.flatnonzero(np.isin(test.y, gone))) if gone else test
+    scored_test = test.take(np.flatnonzero(~np.isin(test.y, gone))) if gone else test
+    import copy
+
+    models = {"model": copy.deepcopy(fitted.model)}
+    ref = orig = None
+    if reference is not None:
+        ref_run = RunModel.load(reference)
+        if not np.array_equal(np.sort(ref_run.universe.ids[ref_run.active]), np.sort(retain.ids)):
+            raise ExpungeError(f"{reference} is not trained on the same remaining rows as {run}; retrain a copy of the "
+                               "original run with the same ids (expunge forget COPY --ids ... --method retrain)")
+        ref = models["retrain"] = ref_run.model
+    if original is not None:
+        orig = models["original"] = RunModel.load(original).model
+    shadow_models = _shadow_models(fitted, retain, shadows) if shadows else None
+    results = {name: ev.evaluate(m, forget, retain, scored_test, reference=ref, original=orig, shadows=shadow_models,
+                                 heldout=heldout) for name, m in models.items()}
+    folder = out or Path(run) / "reports" / f"v{fitted.version}"
+    paths = ev.write_report(results, folder, title=f"Forgetting evaluation of {run} (version {fitted.version})")
+    table = Table("figure", *results)
+    for key in sorted({k for r in results.values() for k in r}):
+        table.add_row(key, *(f"{r[key]:.4g}" if isinstance(r.get(key), float) else str(r.get(key, "-"))
+                             for r in results.values()))
+    console.print(table)
+    console.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    _write_json(json_out, results)
+
+
+def _shadow_models(fitted, retain, k: int):
+    """k models trained with the run's recipe on random halves of the retained rows (never the targets)."""
+    import copy
+
+    from .train import train as train_model
+
+    if not hasattr(fitted, "ws"):
+        raise ExpungeError("shadow models need a gradient-trained run (deltagrad/retrain recipe)")
+    rng = np.random.default_rng(0)
+    rows = np.flatnonzero(fitted.active)
+    models = []
+    for _ in range(k):
+        half = np.zeros(len(fitted.active), bool)
+        half[rng.choice(rows, len(rows) // 2, replace=False)] = True
+        models.append(copy.deepcopy(fitted.flat.set_flat(train_model(fitted.ws, half, fitted.w0))))
+    fitted.flat.set_flat(fitted.w)
+    return models
+
+
+@app.command()
+@friendly
 def ledger(
     run: Path = typer.Argument(..., help="Run directory."),
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
@@ -352,7 +446,7 @@ def ledger(
 @app.command()
 @friendly
 def bench(
-    name: str = typer.Argument(..., help="Benchmark to run: deltagrad, certified or sisa."),
+    name: str = typer.Argument(..., help="Benchmark to run: deltagrad, certified, sisa or forgetting."),
     data: Path = typer.Option(Path("../shared/data"), help="Data folder (holds mnist/mnist.npz, ...)."),
     json_out: Path = typer.Option(None, "--json", help="Where to write the JSON rows (default benchmarks/results/NAME.json); "
                                   "a plot is written beside it."),

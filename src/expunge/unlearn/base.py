@@ -62,9 +62,11 @@ class Updater(Protocol):
         old: "Trajectory | None",
         new: "Trajectory | None",
         progress: bool,
+        w: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """Return the weights for ``new_active`` (writing the new trajectory into ``new``) and the
-        guarantee figures."""
+        """Return the weights for ``new_active`` (writing the new trajectory into ``new``, unless the
+        updater sets ``writes_trajectory = False``) and the guarantee figures. ``w`` is the current
+        model, for methods that start from it."""
         ...
 
 

@@ -267,6 +267,18 @@ def extract_features(extractor: torch.nn.Module, data: IndexedDataset, batch_siz
     return IndexedDataset(F, data.y, data.ids, f"{data.name}-features")
 
 
+class LinearScores(torch.nn.Module):
+    """x -> x W, with a zero score prepended for the negative class of a single binary column."""
+
+    def __init__(self, W: torch.Tensor):
+        super().__init__()
+        self.W = torch.nn.Parameter(W, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = x.to(self.W.dtype) @ self.W
+        return torch.cat([torch.zeros_like(scores), scores], 1) if scores.shape[1] == 1 else scores
+
+
 class CertifiedFitted(RunModel):
     """A certified linear model bound to its run directory; removals spend the epsilon budget."""
 
@@ -297,6 +309,11 @@ class CertifiedFitted(RunModel):
             "removals_left_estimate": int(max(left, 0) // typical) if typical > 0 else None,
             "removals": state["removals"], "retrains": state["retrains"],
         }
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The certified linear model as a ``torch.nn.Module`` giving one score per class."""
+        return LinearScores(self.W.clone())
 
     def objective(self, active: np.ndarray | None = None, b: torch.Tensor | None = None) -> Objective:
         return Objective(self.X, self.Y, self.active if active is None else active, self.settings.lam,

@@ -147,7 +147,7 @@ class DeltaGrad(FitMixin):
     def config(self) -> dict:
         return {"T0": self.settings.T0, "j0": self.settings.j0, "m": self.settings.m}
 
-    def update(self, ws, old_active, new_active, w0, old, new, progress=False):
+    def update(self, ws, old_active, new_active, w0, old, new, progress=False, w=None):
         if old is None:
             raise ExpungeError("DeltaGrad needs the cached trajectory of the current model; update with --method retrain")
         return deltagrad(ws, old_active, new_active, old, self.settings, new=new, progress=progress)

@@ -3,6 +3,7 @@ by DeltaGrad or exact retraining (see run.py for what every run shares)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -29,9 +30,12 @@ def make_updater(method: "str | Updater", **config) -> Updater:
     from .certified import CertifiedRemoval
     from .deltagrad import DeltaGrad
     from .retrain import Retrain
+    from .baselines import FineTune, GradientAscent
+    from .fisher import Fisher
     from .sisa import SISA
 
-    methods = {"deltagrad": DeltaGrad, "retrain": Retrain, "certified": CertifiedRemoval, "sisa": SISA}
+    methods = {"deltagrad": DeltaGrad, "retrain": Retrain, "certified": CertifiedRemoval, "sisa": SISA,
+               "fisher": Fisher, "finetune": FineTune, "ascent": GradientAscent}
     if method not in methods:
         raise ExpungeError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
     return methods[method](**config)
@@ -104,7 +108,7 @@ class Fitted(RunModel):
     @classmethod
     def _open(cls, run, manifest, folder: Path, universe, active, test) -> "Fitted":
         tensors = load_file(folder / WEIGHTS)
-        trajectory = Trajectory.open(folder / TRAJECTORY)
+        trajectory = Trajectory.open(folder / TRAJECTORY) if (folder / TRAJECTORY).exists() else None
         return cls(run, manifest, universe, active, test, tensors["w"], tensors["w0"], trajectory)
 
     def _update(self, kind: str, ids: np.ndarray, universe: IndexedDataset, new_active: np.ndarray,
@@ -121,8 +125,12 @@ class Fitted(RunModel):
                                                self.flat.dtype)
                 start = time.perf_counter()
                 w, guarantee = updater.update(ws, old_active, new_active, self.w0, self.trajectory, trajectory,
-                                              progress)
+                                              progress, w=self.w)
                 seconds = time.perf_counter() - start
+                if not getattr(updater, "writes_trajectory", True):
+                    # scrubbing and fine-tuning leave no trajectory: DeltaGrad needs a retrain after them
+                    shutil.rmtree(stage / TRAJECTORY)
+                    trajectory = None
                 metrics = self._metrics(w, new_active)
                 metrics["dist_to_previous"] = float((w - self.w).norm())
                 if compare and updater.name != "retrain":
@@ -145,11 +153,12 @@ class Fitted(RunModel):
             metrics["test_acc"] = acc
         return metrics
 
-    def _commit_weights(self, stage: Path, trajectory: Trajectory, report: UpdateReport, w: torch.Tensor,
+    def _commit_weights(self, stage: Path, trajectory: Trajectory | None, report: UpdateReport, w: torch.Tensor,
                         universe: IndexedDataset, active: np.ndarray) -> None:
         """Write weights and trajectory into the staged version, commit it, then take them in memory."""
-        trajectory.flush()
+        if trajectory is not None:
+            trajectory.flush()
         save_file({"w": w.contiguous(), "w0": self.w0.contiguous()}, str(stage / WEIGHTS))
         folder = self._commit(stage, report, universe, active)
         self.w = w
-        self.trajectory = Trajectory.open(folder / TRAJECTORY)
+        self.trajectory = Trajectory.open(folder / TRAJECTORY) if trajectory is not None else None

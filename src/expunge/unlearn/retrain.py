@@ -19,6 +19,6 @@ class Retrain(FitMixin):
         return {}
 
     def update(self, ws: Workspace, old_active: np.ndarray, new_active: np.ndarray, w0: torch.Tensor,
-               old: Trajectory | None, new: Trajectory | None, progress: bool = False):
+               old: Trajectory | None, new: Trajectory | None, progress: bool = False, w=None):
         w = train(ws, new_active, w0, trajectory=new, progress=progress)
         return w, {"kind": "exact", "iterations": ws.plan.n_iterations}
