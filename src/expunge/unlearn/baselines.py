@@ -39,16 +39,19 @@ class FineTune(FitMixin):
 
 
 class GradientAscent(FitMixin):
-    """``epochs`` of gradient *ascent* on the forgotten rows' loss, from the current weights."""
+    """Gradient *ascent* on the forgotten rows' loss from the current weights: ``epochs`` passes,
+    or ``max_steps`` batches if fewer (ascent diverges if run too long or too fast)."""
 
     name = "ascent"
     writes_trajectory = False
 
-    def __init__(self, epochs: int = 1, lr: float | None = None, batch_size: int = 32, seed: int = 0):
-        self.epochs, self.lr, self.batch_size, self.seed = epochs, lr, batch_size, seed
+    def __init__(self, epochs: int = 1, lr: float | None = None, batch_size: int = 32, max_steps: int | None = None,
+                 seed: int = 0):
+        self.epochs, self.lr, self.batch_size, self.max_steps, self.seed = epochs, lr, batch_size, max_steps, seed
 
     def config(self) -> dict:
-        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed}
+        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "max_steps": self.max_steps,
+                "seed": self.seed}
 
     def update(self, ws: Workspace, old_active, new_active, w0, old, new, progress=False, w=None):
         if w is None:
@@ -58,7 +61,7 @@ class GradientAscent(FitMixin):
             raise ExpungeError("gradient ascent needs rows to forget; it cannot add rows")
         lr = self.lr or ws.recipe.lr_at(ws.recipe.epochs - 1)
         rng = np.random.default_rng(self.seed)
-        for _ in range(self.epochs):
-            for rows in _batches(forgotten, self.batch_size, rng):
-                w = w + lr * ws.grad_sum(w, rows) / len(rows)
-        return w, {"kind": "none", "epochs": self.epochs, "lr": lr}
+        batches = [b for _ in range(self.epochs) for b in _batches(forgotten, self.batch_size, rng)]
+        for rows in batches[: self.max_steps]:
+            w = w + lr * ws.grad_sum(w, rows) / len(rows)
+        return w, {"kind": "none", "epochs": self.epochs, "lr": lr, "steps": len(batches[: self.max_steps])}
