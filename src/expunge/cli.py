@@ -257,7 +257,7 @@ def forget(
     label: Optional[int] = typer.Option(None, "--class", help="Instead of --ids: delete every row of this class."),
     scrub_lam: float = typer.Option(1e-9, help="Fisher: lambda * sigma_h^2, the scale of the Fisher-shaped noise."),
     newton: bool = typer.Option(False, help="Fisher: take the Newton step on the remaining data first (small models)."),
-    seed: int = typer.Option(0, help="Seed for --ratio."),
+    seed: int = typer.Option(0, help="Seed for --ratio and for Fisher's noise."),
     method: Optional[str] = METHOD_OPTION,
     T0: Optional[int] = T0_OPTION,
     j0: Optional[int] = J0_OPTION,
@@ -267,7 +267,8 @@ def forget(
     json_out: Optional[str] = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ):
-    """Delete rows and update the model (DeltaGrad or exact retraining)."""
+    """Delete rows and update the model: DeltaGrad, exact retraining, the certified Newton step, SISA shard
+    retraining, or Fisher scrubbing and its baselines, whichever the run and --method call for."""
     from .data import load_ids
 
     if sum(x is not None for x in (ids, ratio, label)) != 1:
@@ -306,7 +307,8 @@ def add(
     json_out: Optional[str] = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ):
-    """Add rows and update the model (DeltaGrad or exact retraining)."""
+    """Add rows and update the model (DeltaGrad or exact retraining; certified runs retrain with fresh noise,
+    SISA runs retrain the last slice of the shards the rows join)."""
     from .data import load_rows
 
     X, y, ids = load_rows(rows)
