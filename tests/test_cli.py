@@ -392,3 +392,39 @@ def test_forget_a_class_with_fisher_then_evaluate_against_retraining(tmp_path):
 def test_evaluate_without_deletions_is_a_clean_error(trained):
     run, _, _ = trained
     assert_clean_failure(invoke("evaluate", run), "no forget set")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--method", "sisa", "--workers", "-1"], "workers"),
+    (["--classes", "3,99"], "label(s) [99]"),
+])
+def test_more_bad_training_settings_are_clean_errors(tmp_path, extra, words):
+    result = invoke("train", "--data", "digits", "--out", tmp_path / "r", *TRAIN, *extra)
+    assert_clean_failure(result, words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_that_is_a_file_is_a_clean_error(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert_clean_failure(invoke("train", "--data", "digits", "--out", target, *TRAIN), "is a file")
+
+
+def test_ids_too_large_and_string_labels_are_clean_errors(run, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("99999999999999999999\n")
+    before = snapshot(run)
+    assert_clean_failure(invoke("forget", run, "--ids", ids), "integers")
+    rows = tmp_path / "rows.npz"
+    np.savez(rows, X=np.zeros((2, N_FEATURES)), y=np.array(["a", "b"]))
+    assert_clean_failure(invoke("add", run, "--rows", rows), "integer labels")
+    assert snapshot(run) == before
+
+
+def test_a_fisher_run_uses_the_settings_given_on_forget(tmp_path):
+    run = tmp_path / "fisher"
+    assert invoke("train", "--data", "digits", "--out", run, *TRAIN, "--method", "fisher").exit_code == 0
+    report = tmp_path / "f.json"
+    result = invoke("forget", run, "--ratio", "0.01", "--scrub-lam", "1e-6", "--no-compare", "--json", report)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["guarantee"]["lam"] == 1e-6

@@ -80,3 +80,14 @@ def test_a_diverged_model_is_scored_not_crashed():
         model[0].weight.fill_(float("nan"))
     data = random_rows(20)
     assert 0 <= ev.loss_threshold_attack(model, data, random_rows(20, seed=4))["auc"] <= 1
+
+
+def test_relearn_steps_of_models_that_cannot_be_fine_tuned():
+    from expunge.unlearn.certified import LinearScores
+    from expunge.unlearn.sisa import SISAEnsemble
+
+    forget = random_rows(30, seed=3)
+    vote = SISAEnsemble([mlp(seed=1), mlp(seed=2)], "vote")
+    assert ev.relearn_steps(vote, forget, 0.0, max_steps=10) is None
+    linear = LinearScores(torch.zeros(20, 4, dtype=torch.float64))
+    assert ev.relearn_steps(linear, forget, target_loss=10.0) == 0  # trainable copy, target already met

@@ -282,7 +282,7 @@ def forget(
         chosen = fitted.universe.ids[fitted.active & (fitted.universe.y == label)]
         if len(chosen) == 0:
             raise ExpungeError(f"no current rows have label {label}")
-    if method == "fisher":
+    if (method or getattr(getattr(fitted, "updater", None), "name", None)) == "fisher":
         from .unlearn.fisher import Fisher
 
         updater = Fisher(lam=scrub_lam, newton=newton, seed=seed)

@@ -276,7 +276,7 @@ def load_ids(path) -> np.ndarray:
     tokens = [t for line in text.splitlines() for t in line.split("#")[0].replace(",", " ").split()]
     try:
         return np.array([int(t) for t in tokens], dtype=np.int64)
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         raise ExpungeError(f"{path}: ids must be integers ({e})") from e
 
 
@@ -288,8 +288,9 @@ def preprocess(ds: IndexedDataset, classes=None, l2_normalize: bool = False) -> 
         if len(set(classes)) != len(classes) or len(classes) < 2:
             raise ExpungeError(f"--classes needs at least two distinct labels, got {classes}")
         keep = np.isin(ds.y, classes)
-        if not keep.any():
-            raise ExpungeError(f"{ds.name} has no rows with labels {classes}")
+        missing = sorted(set(classes) - set(ds.y[keep].tolist()))
+        if missing:
+            raise ExpungeError(f"{ds.name} has no rows with label(s) {missing}; --classes takes labels that occur")
         relabel = {c: i for i, c in enumerate(classes)}
         ds = IndexedDataset(ds.X[keep], np.array([relabel[v] for v in ds.y[keep]]), ds.ids[keep], ds.name)
     if l2_normalize:

@@ -5,7 +5,8 @@ Everything takes plain ``torch.nn.Module`` models and ``IndexedDataset`` splits,
 output is scored the same way. Membership inference asks whether the forget set still looks like
 training data: the attack separates forget rows ("members" of the original training set) from
 held-out test rows; after a good removal its AUC is close to that of the retrained model (about
-0.5 for a random forget set).
+0.5 for a random forget set). A voting ensemble's outputs (vote fractions) are scored as if they were
+logits: the attack still ranks rows by them, but its losses are not a model's cross-entropy.
 """
 
 from __future__ import annotations
@@ -90,13 +91,15 @@ def lira_offline(model: torch.nn.Module, shadows: list[torch.nn.Module], members
 
 
 def relearn_steps(model: torch.nn.Module, forget: IndexedDataset, target_loss: float, lr: float = 0.01,
-                  batch_size: int = 32, max_steps: int = 500, check_every: int = 5, seed: int = 0) -> int:
+                  batch_size: int = 32, max_steps: int = 500, check_every: int = 5, seed: int = 0) -> int | None:
     """SGD steps of fine-tuning a copy on the forget set until its mean loss is back to
     ``target_loss`` (the original model's), checked every ``check_every`` steps; ``max_steps`` if
-    it never gets there."""
+    it never gets there; ``None`` for a model that cannot be fine-tuned (a voting ensemble)."""
     import copy
 
     model = copy.deepcopy(model).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     X, y = _inputs(model, forget), torch.from_numpy(forget.y)
     generator = torch.Generator().manual_seed(seed)
@@ -107,7 +110,10 @@ def relearn_steps(model: torch.nn.Module, forget: IndexedDataset, target_loss: f
                     return step
         idx = torch.randint(len(y), (min(batch_size, len(y)),), generator=generator)
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+        loss = torch.nn.functional.cross_entropy(model(X[idx]), y[idx])
+        if not loss.requires_grad:  # the output is not differentiable in the weights (majority vote)
+            return None
+        loss.backward()
         optimizer.step()
     return max_steps
 

@@ -173,6 +173,16 @@ def test_a_crash_between_manifest_and_ledger_is_repaired_on_load(run, monkeypatc
     reloaded = Fitted.load(run.path)
     assert reloaded.version == 2
     assert [e["kind"] for e in reloaded.ledger.entries()] == ["train", "forget"]
+    # the handle took the whole committed state, not half of it
+    assert run.version == 2 and torch.equal(run.w, reloaded.w)
+    np.testing.assert_array_equal(run.active, reloaded.active)
+    np.testing.assert_array_equal(run.trajectory.params, reloaded.trajectory.params)
+
+
+def test_methods_that_need_their_own_runs_are_refused(run):
+    for method in ("sisa", "certified"):
+        with pytest.raises(ExpungeError, match=f"--method {method}"):
+            run.forget([1001], method=method)
 
 
 def test_a_stale_handle_cannot_overwrite_a_newer_version(run):

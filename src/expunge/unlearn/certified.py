@@ -469,11 +469,14 @@ class CertifiedFitted(RunModel):
         """Stage weights, noise and budget state, commit them, and only then take them in memory."""
         report.guarantee = self.guarantee(state) | {"retrained": retrained}
         grew = universe is not self.universe
+
+        def adopt(folder: Path) -> None:
+            if grew:
+                self.X = torch.from_numpy(universe.X).double()
+                self.Y = torch.from_numpy(targets(universe.y, self.n_classes))
+            self.W, self.b, self.state, self._XW = W, b, state, step_XW
+
         with self.run.staging() as stage:
             save_file({"W": W.contiguous(), "b": b.contiguous()}, str(stage / WEIGHTS))
             (stage / STATE).write_text(json.dumps(state, indent=2))
-            self._commit(stage, report, universe, active)
-        if grew:
-            self.X, self.Y = torch.from_numpy(universe.X).double(), torch.from_numpy(targets(universe.y, self.n_classes))
-        self.W, self.b, self.state = W, b, state
-        self._XW = step_XW
+            self._commit(stage, report, universe, active, adopt)

@@ -114,8 +114,8 @@ class Fitted(RunModel):
     def _update(self, kind: str, ids: np.ndarray, universe: IndexedDataset, new_active: np.ndarray,
                 method, compare: bool, progress: bool) -> UpdateReport:
         updater = self.updater if method is None else make_updater(method)
-        if updater.name == "certified":
-            raise ExpungeError("certified removal needs a run trained for it (expunge train --method certified)")
+        if not hasattr(updater, "update"):  # certified, sisa: they train runs of their own
+            raise ExpungeError(f"{updater.name} needs a run trained for it (expunge train --method {updater.name})")
         old_active = np.concatenate([self.active, np.zeros(len(universe) - len(self.active), bool)])
         ws = self._workspace(universe) if universe is not self.universe else self.ws
         with self.run.lock():
@@ -142,8 +142,7 @@ class Fitted(RunModel):
                     metrics["speedup"] = metrics["retrain_s"] / seconds
                 report = UpdateReport(updater.name, kind, ids.tolist(), seconds, weights_hash(self.w),
                                       weights_hash(w), guarantee, metrics)
-                self._commit_weights(stage, trajectory, report, w, universe, new_active)
-                self.ws = ws
+                self._commit_weights(stage, trajectory, report, w, universe, new_active, ws)
         return report
 
     def _metrics(self, w: torch.Tensor, active: np.ndarray) -> dict:
@@ -154,11 +153,16 @@ class Fitted(RunModel):
         return metrics
 
     def _commit_weights(self, stage: Path, trajectory: Trajectory | None, report: UpdateReport, w: torch.Tensor,
-                        universe: IndexedDataset, active: np.ndarray) -> None:
+                        universe: IndexedDataset, active: np.ndarray, ws: Workspace | None = None) -> None:
         """Write weights and trajectory into the staged version, commit it, then take them in memory."""
         if trajectory is not None:
             trajectory.flush()
         save_file({"w": w.contiguous(), "w0": self.w0.contiguous()}, str(stage / WEIGHTS))
-        folder = self._commit(stage, report, universe, active)
-        self.w = w
-        self.trajectory = Trajectory.open(folder / TRAJECTORY) if trajectory is not None else None
+
+        def adopt(folder: Path) -> None:
+            self.w = w
+            self.trajectory = Trajectory.open(folder / TRAJECTORY) if trajectory is not None else None
+            if ws is not None:
+                self.ws = ws
+
+        self._commit(stage, report, universe, active, adopt)

@@ -69,6 +69,8 @@ class RunModel:
             out, created = Path(tempfile.mkdtemp(prefix="expunge-run-")), True
         else:
             out, created = Path(out), not Path(out).exists()
+            if out.exists() and not out.is_dir():
+                raise ExpungeError(f"{out} is a file; --out must name a new (or empty) directory")
         run = RunDirectory(out)
         if run.exists():
             raise ExpungeError(f"{out} already holds a run; choose another --out or remove it first")
@@ -212,9 +214,12 @@ class RunModel:
         original features, which puts it back in its original place in the batch plan."""
         if isinstance(X, IndexedDataset):
             X, y, ids = X.X, X.y, X.ids
-        X = np.asarray(X, dtype=np.float32)
+        try:
+            X = np.asarray(X, dtype=np.float32)
+            y = np.asarray(y, dtype=np.int64).reshape(-1)
+        except (ValueError, TypeError) as e:
+            raise ExpungeError(f"new rows must have numeric features and integer labels ({e})") from e
         X = X.reshape(len(X), -1) if X.ndim != 2 else X
-        y = np.asarray(y, dtype=np.int64).reshape(-1)
         if len(X) == 0:
             raise ExpungeError("no rows given to add")
         if X.shape[1] != self.universe.n_features:
@@ -257,9 +262,12 @@ class RunModel:
             raise ExpungeError(f"{self.path} changed since it was loaded (version {self.version} -> {on_disk}); "
                                "load it again")
 
-    def _commit(self, stage: Path, report: UpdateReport, universe: IndexedDataset, active: np.ndarray) -> Path:
-        """Add the data state to the staged version (whose method files are written), commit it,
-        append the ledger row, and take the new state; return the new version's folder."""
+    def _commit(self, stage: Path, report: UpdateReport, universe: IndexedDataset, active: np.ndarray,
+                adopt=lambda folder: None) -> Path:
+        """Add the data state to the staged version (whose method files are written) and commit it;
+        then take the whole new state in memory at once (``adopt(folder)`` takes the method's own),
+        and only then append the ledger row (a crash before it is repaired from the manifest on the
+        next load). Returns the new version's folder."""
         added = universe.take(np.arange(self.n_base, len(universe)))
         with open(stage / ROWS, "wb") as f:
             np.savez(f, X=added.X, y=added.y, ids=added.ids, active=active)
@@ -267,9 +275,11 @@ class RunModel:
         manifest = {k: v for k, v in self.manifest.items() if k not in ("version", "files")}
         manifest = self.run.commit(stage, dict(manifest, model_hash=report.model_hash_after,
                                                last_report=report.to_dict()))
+        folder = self.run.current(manifest)
         self.manifest, self.universe, self.active = manifest, universe, active
+        adopt(folder)
         Ledger(self.path / "ledger.sqlite").append(manifest["version"], report.to_dict())
-        return self.run.current(manifest)
+        return folder
 
 
 def _model_class(method: str) -> type[RunModel]:

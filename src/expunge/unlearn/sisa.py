@@ -51,6 +51,8 @@ class SISAConfig:
             raise ExpungeError(f"aggregation must be 'vote' or 'mean', got {self.aggregation!r}")
         if self.backend not in ("local", "ray"):
             raise ExpungeError(f"backend must be 'local' or 'ray', got {self.backend!r}")
+        if self.workers is not None and self.workers < 1:
+            raise ExpungeError(f"workers must be at least 1 (or omitted for one per core), got {self.workers}")
 
 
 def _key(*values: int) -> int:
@@ -83,7 +85,8 @@ def assign_added(ids: np.ndarray, config: SISAConfig, seed: int) -> tuple[np.nda
 
 def stage_epochs(recipe: TrainRecipe, slices: int) -> int:
     """Epochs per stage, so that the last slice is seen about recipe.epochs / R times and the
-    first about recipe.epochs times (the paper keeps the total work close to unsliced training)."""
+    first about recipe.epochs times (the paper keeps the total work close to unsliced training).
+    Each stage counts its epochs from 0, so an ``lr_steps`` schedule applies within a stage."""
     return max(1, math.ceil(recipe.epochs / slices))
 
 
@@ -329,6 +332,10 @@ class SISAFitted(RunModel):
         """Stage the checkpoints (unchanged ones hard-linked from the current version: files are
         never modified in place) and the assignment, commit, then take them in memory."""
         current = self.run.current(self.manifest) / FOLDER if self.version else None
+
+        def adopt(folder: Path) -> None:
+            self.checkpoints, self.shard, self.slice = checkpoints, shard, slice_
+
         with self.run.staging() as stage:
             (stage / FOLDER).mkdir()
             for (s, r), w in checkpoints.items():
@@ -339,8 +346,7 @@ class SISAFitted(RunModel):
                     save_file({"w": torch.from_numpy(w)}, str(target))
             with open(stage / ASSIGNMENT, "wb") as f:
                 np.savez(f, shard=shard, slice=slice_)
-            self._commit(stage, report, universe, active)
-        self.checkpoints, self.shard, self.slice = checkpoints, shard, slice_
+            self._commit(stage, report, universe, active, adopt)
 
 
 def _checkpoint_name(shard: int, stage: int) -> str:
