@@ -337,9 +337,6 @@ class CertifiedFitted(RunModel):
         return self.settings.sigma * torch.randn(self.X.shape[1], self.Y.shape[1], generator=generator,
                                                  dtype=torch.float64)
 
-    def _fit(self, active: np.ndarray, b: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        return newton_solve(Objective(self.X, self.Y, active, self.settings.lam, b), tol=self.settings.tol)
-
     @classmethod
     def train(cls, data: IndexedDataset, settings: CertifiedConfig, out=None, test=None, source=None,
               preprocess: dict | None = None) -> "CertifiedFitted":
@@ -351,7 +348,7 @@ class CertifiedFitted(RunModel):
             model = cls(run, manifest, data, active, test, None, None, {})
             start = time.perf_counter()
             model.b = model._noise(0)
-            W, grad_norm, steps = model._fit(active, model.b)
+            W, grad_norm, steps = newton_solve(model.objective(active), tol=settings.tol)
             seconds = time.perf_counter() - start
             model.W = W
             model.state = {"budget": settings.budget, "spent": grad_norm, "removals": 0, "retrains": 0,
