@@ -2,9 +2,10 @@
 (DiSK, DOPPLER, DiceSGD, public/private coupling), DP-Adam bias correction, accounting on dp-accounting."""
 from .accounting import Phase, calibrate_noise, epsilon
 from .engine import DPOptimizer, PrivacyEngine, make_private
+from .losses import causal_lm_loss
 from .optimizers import DPAdamBC
 from .persample import replace_batchnorm
 from .transforms import DOPPLER, DiceSGD, DiSK, PublicCoupling, Transform
 
 __all__ = ["DOPPLER", "DPAdamBC", "DPOptimizer", "DiSK", "DiceSGD", "Phase", "PrivacyEngine", "PublicCoupling",
-           "Transform", "calibrate_noise", "epsilon", "make_private", "replace_batchnorm"]
+           "Transform", "calibrate_noise", "causal_lm_loss", "epsilon", "make_private", "replace_batchnorm"]

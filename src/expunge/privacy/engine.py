@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from ..errors import ExpungeError
 from . import accounting
 from .accounting import Phase
 from .persample import LayerHandler, build_handlers
+from .shared import LOW_PRECISION, inner
 
 CLIP_FNS = ("abadi", "automatic", "global")
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise")
@@ -52,9 +53,10 @@ def clip_factors(norms: torch.Tensor, threshold: float, clip_fn: str, gamma: flo
 
 @dataclass
 class ClipGroup:
-    members: list[tuple[LayerHandler, str]]  # (handler, parameter attribute)
+    members: list[tuple[LayerHandler, str]]  # (handler, parameter attribute): every use of every parameter
     threshold: float
     done: bool = False
+    tied: list[list[tuple[LayerHandler, str]]] = field(default_factory=list)  # the uses of each shared parameter
 
     @property
     def handlers(self) -> list[LayerHandler]:  # asked on every capture: computed once
@@ -65,27 +67,37 @@ class ClipGroup:
 
 
 def make_groups(handlers: list[LayerHandler], clipping, max_grad_norm: float) -> list[ClipGroup]:
-    """Split the parameters (in registration order) into clipping groups; thresholds C/sqrt(K)."""
-    flat = [(h, pname, f"{h.name}.{pname}" if h.name else pname) for h in handlers for pname in h.params]
+    """Split the parameters (in order of first use) into clipping groups; thresholds C/sqrt(K). A parameter
+    held by several layers (tied embeddings) is one parameter: it belongs to one group, under any of its
+    names, and layer-wise clipping puts it with the first layer that uses it."""
+    params: dict[int, tuple[list[str], list[tuple[LayerHandler, str]], LayerHandler]] = {}
+    for h in handlers:
+        for pname, p in h.params.items():
+            names, uses, _ = params.setdefault(id(p), ([], [], h))
+            names.append(f"{h.name}.{pname}" if h.name else pname)
+            uses.append((h, pname))
+    flat = list(params.values())  # (names, uses, first handler)
+
+    def under(m, head: str) -> bool:
+        return any(n == head or n.startswith(head + ".") for n in m[0])
+
     if clipping == "all-layer":
         parts = [flat]
     elif clipping == "layer-wise":
-        parts = [[m for m in flat if m[0] is h] for h in handlers]
+        parts = [part for part in ([m for m in flat if m[2] is h] for h in handlers) if part]
     elif clipping == "param-wise":
         parts = [[m] for m in flat]
     elif isinstance(clipping, (list, tuple)) and clipping and all(isinstance(c, str) for c in clipping):
         heads = list(clipping)
-        unknown = [hd for hd in heads if not any(full == hd or full.startswith(hd + ".") for _, _, full in flat)]
+        unknown = [hd for hd in heads if not any(under(m, hd) for m in flat)]
         if unknown:
-            names = ", ".join(full for _, _, full in flat[:8])
+            names = ", ".join(m[0][0] for m in flat[:8])
             raise ExpungeError(f"clipping group heads {unknown} name no trainable parameter; heads are parameter or "
                                f"module names such as {names}")
         parts = []
         for m in flat:
-            starts = any(m[2] == hd or m[2].startswith(hd + ".") for hd in heads)
-            first_of_head = starts and (not parts or not any(
-                parts[-1][-1][2] == hd or parts[-1][-1][2].startswith(hd + ".") for hd in heads
-                if m[2] == hd or m[2].startswith(hd + ".")))
+            starts = any(under(m, hd) for hd in heads)
+            first_of_head = starts and (not parts or not any(under(parts[-1][-1], hd) for hd in heads if under(m, hd)))
             if not parts or first_of_head:
                 parts.append([])
             parts[-1].append(m)
@@ -93,7 +105,21 @@ def make_groups(handlers: list[LayerHandler], clipping, max_grad_norm: float) ->
         raise ExpungeError(f"clipping must be one of {', '.join(CLIPPING_STYLES)} or a list of group head names, "
                            f"got {clipping!r}")
     k = len(parts)
-    return [ClipGroup([(h, pname) for h, pname, _ in part], max_grad_norm / math.sqrt(k)) for part in parts]
+    return [ClipGroup([use for m in part for use in m[1]], max_grad_norm / math.sqrt(k),
+                      tied=[m[1] for m in part if len(m[1]) > 1]) for part in parts]
+
+
+def batch_rows(args, kwargs) -> int:
+    """Rows of a model call: the first dimension of its first positional tensor, else of input_ids or
+    inputs_embeds, else the largest first dimension among its tensor keywords (0 when there is none)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            return a.shape[0]
+    for key in ("input_ids", "inputs_embeds"):
+        a = kwargs.get(key)
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            return a.shape[0]
+    return max((a.shape[0] for a in kwargs.values() if isinstance(a, torch.Tensor) and a.dim() > 0), default=0)
 
 
 class NoiseSource:
@@ -249,7 +275,8 @@ class PrivacyEngine:
         self.groups = make_groups(self.handlers, clipping, max_grad_norm)
         self.clipping = clipping
         self._groups_of = {h: [g for g in self.groups if h in g.handlers] for h in self.handlers}
-        self.params = [p for h in self.handlers for p in h.params.values()]
+        # each trainable parameter once, in order of first use (a tied parameter has several users)
+        self.params = list({id(p): p for h in self.handlers for p in h.params.values()}.values())
         self.noise = NoiseSource(seed, secure_rng)
         # rows are drawn from a stream of their own (seed + 1), so noise and sampling never share draws
         self._rows_rng = np.random.default_rng(None if secure_rng or seed is None else seed + 1)
@@ -271,6 +298,13 @@ class PrivacyEngine:
         for h in self.handlers:
             h.on_capture = self._on_capture
             h.attach()
+        self._rows_hook = model.register_forward_pre_hook(self._note_rows, with_kwargs=True)
+
+    def _note_rows(self, module, args, kwargs) -> None:
+        """Tell the layers how many rows this forward has (an input of one row is broadcast over them)."""
+        rows = batch_rows(args, kwargs)
+        for h in self.handlers:
+            h.batch_rows = rows
 
     # -- sampling ------------------------------------------------------------------------------------
     @property
@@ -304,6 +338,12 @@ class PrivacyEngine:
             if h.norms_sq is not None:
                 self._check_rows(h, len(h.norms_sq[pname]))
                 total = h.norms_sq[pname] if total is None else total + h.norms_sq[pname]
+        for uses in group.tied:  # a shared parameter: the cross terms between its uses
+            live = [(h, pname) for h, pname in uses if h.norms_sq is not None]
+            for j, (h1, p1) in enumerate(live):
+                for h2, p2 in live[j + 1:]:
+                    cross = inner(h1.per_sample(p1), h2.per_sample(p2))
+                    total = total + cross.to(total.dtype) * (2 * h1.scale * h2.scale)
         group.done = True
         if total is None:
             return
@@ -355,13 +395,15 @@ class PrivacyEngine:
 
     def _release_gradient(self) -> None:
         """clip (done) -> transforms before noise -> noise -> average -> transforms after noise -> p.grad."""
-        summed = [self.summed.get(id(p), torch.zeros_like(p)) for p in self.params]
-        unclipped = [self.unclipped.get(id(p), torch.zeros_like(p)) for p in self.params] if self.need_unclipped else None
+        # sums, noise and transforms in float32 at least (a bfloat16 model gets its gradient rounded only at the end)
+        summed = [self.summed.get(id(p), torch.zeros_like(p, dtype=_wide_dtype(p))) for p in self.params]
+        unclipped = ([self.unclipped.get(id(p), torch.zeros_like(p, dtype=_wide_dtype(p))) for p in self.params]
+                     if self.need_unclipped else None)
         for t in self.transforms:
             summed = t.before_noise(self, summed, unclipped)
         std = self.noise_std
         if std > 0:  # the same numbers as s + std * noise, built in the noise's own buffer: one tensor, not three
-            summed = [self.noise.normal(p.shape, p.dtype).mul_(std).add_(s) for s, p in zip(summed, self.params)]
+            summed = [self.noise.normal(s.shape, s.dtype).mul_(std).add_(s) for s in summed]
             grads = [s.div_(self.expected_batch_size) for s in summed]
         else:
             grads = [s / self.expected_batch_size for s in summed]
@@ -438,13 +480,19 @@ class PrivacyEngine:
         return scope()
 
     def pretrain_public(self, public_data, *, epochs: float = 1, batch_size: int = 256, loss_fn=None,
-                        seed: int | None = 0, name: str = "public") -> int:
+                        batch_loss=None, seed: int | None = 0, name: str = "public") -> int:
         """Non-private training on public rows (DP continual pre-training's first phase) with the base
-        optimizer; recorded as a public phase, which adds nothing to epsilon. Returns the steps taken."""
+        optimizer; recorded as a public phase, which adds nothing to epsilon. Returns the steps taken.
+
+        Each batch's loss is loss_fn(model(*inputs), target) for rows (inputs..., target) (cross-entropy by
+        default), or batch_loss(model, batch) for rows of any other shape (a language model's ids, attention
+        mask and labels, whose model returns an output object)."""
         import torch.nn.functional as F
 
         from .persample import _NoCapture
 
+        if loss_fn is not None and batch_loss is not None:
+            raise ExpungeError("give pretrain_public loss_fn or batch_loss, not both")
         loss_fn = loss_fn or F.cross_entropy
         n = data_length(public_data)
         check_batch_size(batch_size, n)
@@ -453,10 +501,15 @@ class PrivacyEngine:
         for _ in range(max(1, int(round(epochs)))):
             order = rng.permutation(n)
             for start in range(0, n, batch_size):
-                *inputs, target = fetch(public_data, order[start:start + batch_size])
+                batch = fetch(public_data, order[start:start + batch_size])
                 self.optimizer.base.zero_grad()
                 with _NoCapture():
-                    loss_fn(self.model(*inputs), target).backward()
+                    if batch_loss is not None:
+                        loss = batch_loss(self.model, batch)
+                    else:
+                        *inputs, target = batch
+                        loss = loss_fn(self.model(*inputs), target)
+                    loss.backward()
                 self.optimizer.base.step()
                 steps += 1
         self.optimizer.base.zero_grad()
@@ -547,6 +600,8 @@ class PrivacyEngine:
         for h in self.handlers:
             h.detach()
             h.reset()
+            h.batch_rows = 0
+        self._rows_hook.remove()
 
     def summary(self, delta: float | None = None) -> dict:
         delta = delta if delta is not None else self.target_delta
@@ -559,6 +614,10 @@ class PrivacyEngine:
             out["epsilon_pld"] = self.epsilon(delta, "pld")
             out["epsilon_rdp"] = self.epsilon(delta, "rdp")
         return out
+
+
+def _wide_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
 
 
 def check_batch_size(batch_size: int, n: int) -> None:

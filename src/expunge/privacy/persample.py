@@ -23,7 +23,16 @@ the squared norms and on the clipping factors, never on the tensors. Captured te
 as the norms are computed, and what a parameter's clipped sum needs as soon as it is summed.
 
 A layer called several times in one forward (weight sharing within the module) is handled exactly:
-its calls are concatenated along the position axis before the norm is taken.
+its calls are concatenated along the position axis before the norm is taken. A parameter that several
+modules hold (tied embeddings) gets the norm of its summed per-sample gradient from each module's part and
+the cross terms between them (shared.py).
+
+A layer called on an input of one row in a forward of B > 1 rows (GPT-2 looks up its position embedding
+for position ids of shape (1, T) and lets the addition broadcast it) has that input expanded to the B rows,
+so that each row's gradient reaches the layer from that row's output gradient alone.
+
+Half and bfloat16 models keep their activations as they are; norms, per-sample gradients and clipped
+sums are computed in float32 (the widened copies a block of rows at a time where they would be large).
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..errors import ExpungeError
+from .shared import LOW_PRECISION, Dense, LowRank, Rows, wide
 
 _local = threading.local()
 
@@ -66,6 +76,8 @@ class LayerHandler:
         self.norms_sq: dict[str, torch.Tensor] | None = None
         self.scale = 1.0  # multiplies output gradients (loss reduction "mean": the batch size)
         self.free_after_sum = True  # False when the engine sums twice (DiceSGD also needs sum_i g_i)
+        self.shared: set[str] = set()  # parameters that other handlers use too (tied weights)
+        self.batch_rows = 0  # rows of the model's current forward (set by the engine; 0 when unknown)
 
     # -- capture ---------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -97,6 +109,19 @@ class LayerHandler:
     def clipped_sum(self, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """sum_i factors[name][i] * g_i for each trainable parameter."""
         raise NotImplementedError
+
+    def per_sample(self, name: str):
+        """This layer's per-sample gradients of one parameter (unscaled) as a shared.Dense, LowRank or Rows, for
+        the cross terms of a parameter that several layers use; valid between compute_norms and clipped_sum."""
+        raise NotImplementedError
+
+    def broadcast(self, x):
+        """An input of one row in a forward of several (GPT-2's position ids, shape (1, T)) is broadcast over
+        the batch by the layers that read the output; expanded here, so that each row's gradient reaches this
+        layer apart instead of summed over the rows by autograd."""
+        if self.batch_rows > 1 and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
+            return x.expand(self.batch_rows, *x.shape[1:])
+        return x
 
     def reset(self) -> None:
         self.calls, self.pairs, self.norms_sq = 0, [], None
@@ -151,6 +176,7 @@ class _PatchedForward(LayerHandler):
             weight, bias = handler.weight_and_bias()
             if not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
                 return handler.plain_forward(x)
+            x = handler.broadcast(x)
             handler.forward_called()
             return _CaptureLinear.apply(x, weight, bias, handler)
 
@@ -209,17 +235,20 @@ class LinearHandler(_PatchedForward):
         s2 = self.scale * self.scale
         norms = {}
         if "weight" in self.params:
+            # per-sample gradients are kept in float32 at least: in units of what the ghost norm keeps, they
+            # cost twice as much when the activations are half or bfloat16
+            kept = T * (p + d) * a.element_size() // wide(a[:1, :1, :1]).element_size()
             if T == 1:  # the gradient is the outer product g a^T: its norm is |a| |g|
                 norms["weight"] = _sq_rows(a[:, 0]) * _sq_rows(g[:, 0])
                 self._a, self._g = a, g
-            elif instantiate(T, p, d):  # (B, p, d): the same product autograd would do, batched by row
-                self._per_sample = torch.bmm(g.transpose(1, 2), a)
+            elif instantiate(T, p, d, kept):  # (B, p, d): the same product autograd would do, batched by row
+                self._per_sample = torch.bmm(wide(g).transpose(1, 2), wide(a))
                 norms["weight"] = _sq_rows(self._per_sample.view(B, -1))
             else:  # ghost norm <a a^T, g g^T> from two T x T Gram matrices per row
                 norms["weight"] = _ghost_norm(_gram(a, shared), _gram(g, None))
                 self._a, self._g = a, g
         if "bias" in self.params:
-            self._bias_per_sample = g.sum(1)
+            self._bias_per_sample = g.sum(1, dtype=wide(g[:1, :1, :1]).dtype)
             norms["bias"] = _sq_rows(self._bias_per_sample)
         if s2 != 1.0:  # the output gradients were of a mean loss: scale the norms, not the tensors
             norms = {k: v * s2 for k, v in norms.items()}
@@ -246,12 +275,25 @@ class LinearHandler(_PatchedForward):
         return out
 
     def _ghost_weight_sum(self, c: torch.Tensor) -> torch.Tensor:
-        """sum_i c_i g_i^T a_i as one product: the factors go on the narrower of a and g."""
-        a, g = self._a, self._g
-        c = c.to(a.dtype)[:, None, None]
-        if a.shape[2] <= g.shape[2]:
-            return g.reshape(-1, g.shape[2]).t() @ (a * c).reshape(-1, a.shape[2])
-        return (g * c).reshape(-1, g.shape[2]).t() @ a.reshape(-1, a.shape[2])
+        """sum_i c_i g_i^T a_i as one product: the factors go on the narrower of a and g (in float32 at least,
+        a block of rows at a time when a and g are stored in lower precision)."""
+        total = None
+        for a, g, cc in _row_blocks(self._a, self._g, c):
+            a, g = wide(a), wide(g)
+            cc = cc.to(a.dtype)[:, None, None]
+            if a.shape[2] <= g.shape[2]:
+                w = g.reshape(-1, g.shape[2]).t() @ (a * cc).reshape(-1, a.shape[2])
+            else:
+                w = (g * cc).reshape(-1, g.shape[2]).t() @ a.reshape(-1, a.shape[2])
+            total = w if total is None else total.add_(w)
+        return total
+
+    def per_sample(self, name):
+        if name == "bias":
+            return Dense(self._bias_per_sample)
+        if self._per_sample is not None:  # (B, p, d) in nn.Linear's layout
+            return Dense(self._per_sample.transpose(1, 2) if self.transposed else self._per_sample)
+        return LowRank(self._a, self._g) if self.transposed else LowRank(self._g, self._a)
 
     def _clear_weight(self) -> None:
         self._a = self._g = self._per_sample = None
@@ -287,8 +329,25 @@ def instantiate(T: int, p: int, d: int, kept: int | None = None) -> bool:
 
 
 def _sq_rows(v: torch.Tensor) -> torch.Tensor:
-    """Squared norm of each row of a (B, ...) tensor (vector_norm makes no (B, n) temporary; vecdot does)."""
-    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).square()
+    """Squared norm of each row of a (B, ...) tensor, in float32 at least (vector_norm makes no (B, n)
+    temporary; vecdot does)."""
+    dtype = torch.float32 if v.dtype in LOW_PRECISION else None
+    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1, dtype=dtype).square()
+
+
+WIDE_BLOCK = 1 << 24  # numbers per block when low-precision tensors are widened to float32 for a product
+
+
+def _row_blocks(a: torch.Tensor, g: torch.Tensor, *rest):
+    """(a, g, *rest) whole, or in blocks of rows when a and g are half or bfloat16 and would be widened to
+    float32 (so that the widened copy stays near WIDE_BLOCK numbers, not the size of the whole batch)."""
+    if a.dtype not in LOW_PRECISION and g.dtype not in LOW_PRECISION:
+        yield (a, g, *rest)
+        return
+    per_row = max(1, a[0].numel() + g[0].numel())
+    step = max(1, WIDE_BLOCK // per_row)
+    for start in range(0, a.shape[0], step):
+        yield (a[start:start + step], g[start:start + step], *(r[start:start + step] for r in rest))
 
 
 _GRAMS: dict[int, tuple] = {}  # id(input tensor) -> (weak reference, its Gram blocks, version)
@@ -305,11 +364,16 @@ def _gram(a: torch.Tensor, source: torch.Tensor | None) -> tuple[torch.Tensor, .
         if hit is not None and hit[0]() is source and hit[2] == source._version and hit[3] == a.shape:
             return hit[1]
     T = a.shape[1]
-    if T < _BLOCKED_FROM:
-        gram = (torch.bmm(a, a.transpose(1, 2)),)
-    else:
-        a1, a2 = a[:, :T // 2], a[:, T // 2:]
-        gram = (torch.bmm(a1, a1.transpose(1, 2)), torch.bmm(a2, a2.transpose(1, 2)), torch.bmm(a1, a2.transpose(1, 2)))
+    parts = []
+    for block, _ in _row_blocks(a, a[:, :0]):  # widened to float32 a block of rows at a time
+        block = wide(block)
+        if T < _BLOCKED_FROM:
+            parts.append((torch.bmm(block, block.transpose(1, 2)),))
+        else:
+            a1, a2 = block[:, :T // 2], block[:, T // 2:]
+            parts.append((torch.bmm(a1, a1.transpose(1, 2)), torch.bmm(a2, a2.transpose(1, 2)),
+                          torch.bmm(a1, a2.transpose(1, 2))))
+    gram = parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))
     if source is not None:
         _GRAMS[key] = (weakref.ref(source, lambda _, k=key: _GRAMS.pop(k, None)), gram, source._version, a.shape)
     return gram
@@ -365,7 +429,7 @@ class ConvHandler(LinearHandler):
             [0] * (x.dim() - 2), groups, (False, True, False))[1]
 
     def compute_norms(self):
-        xs, grs = [x for x, _ in self.pairs], [gr for _, gr in self.pairs]
+        xs, grs = [wide(x) for x, _ in self.pairs], [wide(gr) for _, gr in self.pairs]
         self._release_pairs()
         self._xs = self._grs = self._per_sample = self._bias_per_sample = None
         B, p = grs[0].shape[0], grs[0].shape[1]
@@ -374,7 +438,7 @@ class ConvHandler(LinearHandler):
         kept = sum(x[0].numel() for x in xs) + L * p  # per row: what the ghost norm keeps (inputs, gradients)
         norms = {}
         if "weight" in self.params:
-            if instantiate(L, p, d, kept):
+            if "weight" in self.shared or instantiate(L, p, d, kept):  # a shared weight's cross terms: dense
                 ps = None
                 for x, gr in zip(xs, grs):
                     g_i = self._weight_grad(x, gr, groups=B).view(B, p, d)
@@ -396,6 +460,9 @@ class ConvHandler(LinearHandler):
             norms = {k: v * s2 for k, v in norms.items()}
         self.norms_sq = norms
         return norms
+
+    def per_sample(self, name):
+        return Dense(self._bias_per_sample if name == "bias" else self._per_sample)
 
     def _ghost_weight_sum(self, c: torch.Tensor) -> torch.Tensor:
         """sum_i c_i g_i: the weight gradient with each row's input or output gradient weighted."""
@@ -436,6 +503,7 @@ class EmbeddingHandler(_PatchedForward):
         def forward(mod, ids):
             if not capturing() or not torch.is_grad_enabled():
                 return handler._original_forward(ids)
+            ids = handler.broadcast(ids)
             handler.forward_called()
             return _CaptureEmbedding.apply(ids, mod.weight, handler)
 
@@ -456,16 +524,21 @@ class EmbeddingHandler(_PatchedForward):
         self._release_pairs()
         self._ids, self._g = ids, g
         same = ids.unsqueeze(2) == ids.unsqueeze(1)
-        norms = (torch.bmm(g, g.transpose(1, 2)).masked_fill_(~same, 0)).sum((1, 2))
+        wg = wide(g)
+        norms = (torch.bmm(wg, wg.transpose(1, 2)).masked_fill_(~same, 0)).sum((1, 2))
         self.norms_sq = {"weight": norms * (self.scale * self.scale) if self.scale != 1.0 else norms}
         return self.norms_sq
 
     def clipped_sum(self, factors):
         c = factors["weight"] * self.scale if self.scale != 1.0 else factors["weight"]
-        g = (self._g * c.to(self._g.dtype)[:, None, None]).reshape(-1, self._g.shape[-1])
-        out = torch.zeros_like(self.params["weight"])
+        g = wide(self._g)
+        g = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
+        out = torch.zeros_like(self.params["weight"], dtype=g.dtype)
         out.index_add_(0, self._ids.reshape(-1), g)
         return {"weight": out}
+
+    def per_sample(self, name):
+        return Rows(self._ids, self._g)
 
     def _clear_state(self):
         self._ids = self._g = None
@@ -478,11 +551,20 @@ class EmbeddingHandler(_PatchedForward):
 class _HookedLayer(LayerHandler):
     def attach(self) -> None:
         self._hook = self.module.register_forward_hook(self._forward_hook, with_kwargs=True)
+        self._pre_hook = self.module.register_forward_pre_hook(self._expand_broadcast)
 
     def detach(self) -> None:
         if hasattr(self, "_hook"):
             self._hook.remove()
-            del self._hook
+            self._pre_hook.remove()
+            del self._hook, self._pre_hook
+
+    def _expand_broadcast(self, module, args):
+        if args and capturing() and torch.is_grad_enabled():
+            first = self.broadcast(args[0])
+            if first is not args[0]:
+                return (first, *args[1:])
+        return None
 
     def _forward_hook(self, module, args, kwargs, output):
         if not capturing() or not torch.is_grad_enabled():
@@ -514,10 +596,13 @@ class _HookedLayer(LayerHandler):
             for name, value in self.per_sample_call(inputs, kwargs, g).items():
                 total[name] = total[name] + value if name in total else value
         self._release_pairs()
-        self._per_sample = total  # of the unscaled output gradients: the scale goes on norms and factors
+        self._per_sample = {name: wide(v) for name, v in total.items()}  # unscaled: the scale goes on norms, factors
         s2 = self.scale * self.scale
         self.norms_sq = {name: _sq_rows(v) * s2 if s2 != 1.0 else _sq_rows(v) for name, v in total.items()}
         return self.norms_sq
+
+    def per_sample(self, name):
+        return Dense(self._per_sample[name])
 
     def clipped_sum(self, factors):
         out = {}
@@ -534,7 +619,7 @@ class NormHandler(_HookedLayer):
     """LayerNorm, GroupNorm, RMSNorm: weight gradient is (dL/dy * x_hat) summed over non-parameter axes."""
 
     def per_sample_call(self, inputs, kwargs, g):
-        m, x = self.module, inputs[0]
+        m, x, g = self.module, wide(inputs[0]), wide(g)
         if isinstance(m, nn.LayerNorm):
             x_hat = F.layer_norm(x, m.normalized_shape, eps=m.eps)
             axes = tuple(range(1, x.dim() - len(m.normalized_shape)))
@@ -558,7 +643,11 @@ class FunctionalHandler(_HookedLayer):
     def per_sample_call(self, inputs, kwargs, g):
         """Tensor arguments (positional or keyword) whose first dimension is the batch are split by row;
         anything else (a shared causal mask, a flag) is passed whole to every row."""
-        params = {name: p.detach() for name, p in self.params.items()}
+        # in float32 at least: a module stored in bfloat16 gets its per-sample gradients from a float32 copy
+        params = {name: wide(p.detach()) for name, p in self.params.items()}
+        g = wide(g)
+        inputs = tuple(wide(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inputs)
+        kwargs = {k: wide(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
         batch = g.shape[0]
         per_row = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch for a in inputs]
         kw_rows = {k: v.detach() for k, v in kwargs.items()
@@ -625,9 +714,10 @@ def handler_for(name: str, module: nn.Module, params: dict[str, nn.Parameter]) -
 
 
 def build_handlers(model: nn.Module) -> list[LayerHandler]:
-    """One handler per module that owns trainable parameters, in registration order. Frozen parameters
-    are skipped; a parameter owned by two modules (tied weights) is refused."""
-    handlers, owner = [], {}
+    """One handler per module that owns trainable parameters, in registration order. Frozen parameters are
+    skipped. A parameter that several modules hold (tied input and output embeddings) is marked as shared
+    in each of their handlers: the engine adds the cross terms of its uses (see shared.py)."""
+    handlers, users = [], {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):  # even frozen, it mixes the rows of a batch
             raise ExpungeError(f"module {name} ({type(module).__name__}): {REFUSED['BatchNorm']}")
@@ -636,15 +726,14 @@ def build_handlers(model: nn.Module) -> list[LayerHandler]:
             continue
         if any(h.module is module for h in handlers):
             continue  # the same module registered twice: one handler sees all its calls
+        handler = handler_for(name, module, params)
+        handlers.append(handler)
         for pname, p in params.items():
-            full = f"{name}.{pname}" if name else pname
-            if id(p) in owner and owner[id(p)] != full:
-                raise ExpungeError(
-                    f"parameter {full} is the same tensor as {owner[id(p)]} (tied weights); per-sample norms of a "
-                    "parameter used by two modules are not supported: untie them (for transformers, "
-                    "tie_word_embeddings=False) or freeze one")
-            owner[id(p)] = full
-        handlers.append(handler_for(name, module, params))
+            users.setdefault(id(p), []).append((handler, pname))
+    for uses in users.values():
+        if len(uses) > 1:
+            for handler, pname in uses:
+                handler.shared.add(pname)
     return handlers
 
 
