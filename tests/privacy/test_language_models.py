@@ -25,6 +25,16 @@ TOL = 1e-6
 B, T = 6, 10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is faster, and immune to a busy machine's other jobs
+    (with two threads on two shared cores, each small product waits for the slower thread: 40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def batch(seed=0, left_pad=False):
     """Token ids (B, T), an attention mask with padding on rows 1, 3 and 4, and labels: the ids, with -100 on
     padding and on a prompt of 3 tokens in rows 0 and 2 (loss on the answer only)."""
