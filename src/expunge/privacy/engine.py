@@ -130,6 +130,17 @@ class NoiseSource:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
 
+    BLOCK = 1 << 20  # numbers drawn at a time by add_to
+
+    def add_to(self, t: torch.Tensor, std: float) -> torch.Tensor:
+        """t += std * N(0, I), in place, drawn a block at a time (t may be as large as an embedding table)."""
+        t = t.contiguous()
+        flat = t.view(-1)
+        for start in range(0, flat.numel(), self.BLOCK):
+            part = flat[start:start + self.BLOCK]
+            part.add_(self.normal(part.shape, part.dtype), alpha=std)
+        return t
+
     def normal(self, shape, dtype) -> torch.Tensor:
         if not self.secure:
             return torch.randn(shape, generator=self.generator, dtype=dtype)
@@ -352,19 +363,22 @@ class PrivacyEngine:
             if h.norms_sq is None:
                 continue
             names = [pname for hh, pname in group.members if hh is h]
-            self._accumulate(self.summed, h, h.clipped_sum({pname: factors for pname in names}))
+            self._add_clipped(self.summed, h, {pname: factors for pname in names})
             if self.need_unclipped:
                 ones = torch.ones_like(factors)
-                self._accumulate(self.unclipped, h, h.clipped_sum({pname: ones for pname in names}))
+                self._add_clipped(self.unclipped, h, {pname: ones for pname in names})
 
     @staticmethod
-    def _accumulate(into: dict, handler: LayerHandler, sums: dict) -> None:
-        for pname, g in sums.items():
-            p = handler.params[pname]
-            if id(p) in into:
-                into[id(p)] += g
-            else:
-                into[id(p)] = g  # clipped_sum returns fresh tensors (no graph): no copy
+    def _add_clipped(into: dict, handler: LayerHandler, factors: dict) -> None:
+        """Add the handler's clipped sums to the running sums (id(param) -> tensor); a handler may add into a
+        running sum in place (a tied weight's second use, a later physical batch): no new tensor then."""
+        held = {pname: into.get(id(handler.params[pname])) for pname in factors}
+        for pname, g in handler.clipped_sum(factors, held).items():
+            key = id(handler.params[pname])
+            if into.get(key) is None:
+                into[key] = g  # clipped_sum returns fresh tensors (no graph): no copy
+            elif into[key] is not g:
+                into[key] += g
 
     def _check_rows(self, handler: LayerHandler, rows: int) -> None:
         """Every layer must see the batch's rows on dimension 0: a model that folds positions into the batch
@@ -396,15 +410,16 @@ class PrivacyEngine:
     def _release_gradient(self) -> None:
         """clip (done) -> transforms before noise -> noise -> average -> transforms after noise -> p.grad."""
         # sums, noise and transforms in float32 at least (a bfloat16 model gets its gradient rounded only at the end)
-        summed = [self.summed.get(id(p), torch.zeros_like(p, dtype=_wide_dtype(p))) for p in self.params]
-        unclipped = ([self.unclipped.get(id(p), torch.zeros_like(p, dtype=_wide_dtype(p))) for p in self.params]
-                     if self.need_unclipped else None)
+        def held(sums, p):
+            return sums[id(p)] if id(p) in sums else torch.zeros_like(p, dtype=_wide_dtype(p))
+
+        summed = [held(self.summed, p) for p in self.params]
+        unclipped = [held(self.unclipped, p) for p in self.params] if self.need_unclipped else None
         for t in self.transforms:
             summed = t.before_noise(self, summed, unclipped)
         std = self.noise_std
-        if std > 0:  # the same numbers as s + std * noise, built in the noise's own buffer: one tensor, not three
-            summed = [self.noise.normal(s.shape, s.dtype).mul_(std).add_(s) for s in summed]
-            grads = [s.div_(self.expected_batch_size) for s in summed]
+        if std > 0:  # noise added in place, a block at a time: no second parameter-sized tensor
+            grads = [self.noise.add_to(s, std).div_(self.expected_batch_size) for s in summed]
         else:
             grads = [s / self.expected_batch_size for s in summed]
         for t in self.transforms:

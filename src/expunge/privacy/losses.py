@@ -28,8 +28,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ExpungeError(f"logits must be (batch, positions, vocabulary) and labels (batch, positions); got "
                            f"{tuple(logits.shape)} and {tuple(labels.shape)}")
-    target = labels[:, 1:]
-    logits = logits[:, :-1]
+    # shift the labels, not the logits: the logits (B T V numbers) are not copied
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,

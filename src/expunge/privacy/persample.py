@@ -106,8 +106,9 @@ class LayerHandler:
         """Per-parameter (B,) squared per-sample norms; keeps what clipped_sum needs."""
         raise NotImplementedError
 
-    def clipped_sum(self, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """sum_i factors[name][i] * g_i for each trainable parameter."""
+    def clipped_sum(self, factors: dict[str, torch.Tensor], into: dict | None = None) -> dict[str, torch.Tensor]:
+        """sum_i factors[name][i] * g_i for each trainable parameter. ``into`` may hold, by name, a running sum
+        that the handler may add its own to in place (and return): no new parameter-sized tensor then."""
         raise NotImplementedError
 
     def per_sample(self, name: str):
@@ -255,16 +256,16 @@ class LinearHandler(_PatchedForward):
         self.norms_sq = norms
         return norms
 
-    def clipped_sum(self, factors):
+    def clipped_sum(self, factors, into=None):
         out = {}
         if "weight" in factors:
             c = factors["weight"] * self.scale if self.scale != 1.0 else factors["weight"]
             if self._per_sample is not None:
                 ps = self._per_sample
                 w = (c.to(ps.dtype).unsqueeze(0) @ ps.view(ps.shape[0], -1)).view(ps.shape[1], ps.shape[2])
+                out["weight"] = (w.t() if self.transposed else w).reshape(self.params["weight"].shape)
             else:
-                w = self._ghost_weight_sum(c)
-            out["weight"] = (w.t() if self.transposed else w).reshape(self.params["weight"].shape)
+                out["weight"] = self._ghost_weight_sum(c, (into or {}).get("weight"))
             if self.free_after_sum:  # each parameter is summed once: free what it kept
                 self._clear_weight()
         if "bias" in factors:
@@ -274,18 +275,20 @@ class LinearHandler(_PatchedForward):
                 self._bias_per_sample = None
         return out
 
-    def _ghost_weight_sum(self, c: torch.Tensor) -> torch.Tensor:
-        """sum_i c_i g_i^T a_i as one product: the factors go on the narrower of a and g (in float32 at least,
-        a block of rows at a time when a and g are stored in lower precision)."""
-        total = None
+    def _ghost_weight_sum(self, c: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_i c_i g_i^T a_i (a_i^T g_i for Conv1D) as one product, in the parameter's layout, added to
+        ``total`` when given: the factors go on the narrower of a and g (in float32 at least, a block of rows
+        at a time when a and g are stored in lower precision)."""
         for a, g, cc in _row_blocks(self._a, self._g, c):
             a, g = wide(a), wide(g)
             cc = cc.to(a.dtype)[:, None, None]
             if a.shape[2] <= g.shape[2]:
-                w = g.reshape(-1, g.shape[2]).t() @ (a * cc).reshape(-1, a.shape[2])
+                a = a * cc
             else:
-                w = (g * cc).reshape(-1, g.shape[2]).t() @ a.reshape(-1, a.shape[2])
-            total = w if total is None else total.add_(w)
+                g = g * cc
+            a, g = a.reshape(-1, a.shape[2]), g.reshape(-1, g.shape[2])
+            left, right = (a, g) if self.transposed else (g, a)
+            total = left.t() @ right if total is None else total.addmm_(left.t(), right)
         return total
 
     def per_sample(self, name):
@@ -464,14 +467,15 @@ class ConvHandler(LinearHandler):
     def per_sample(self, name):
         return Dense(self._bias_per_sample if name == "bias" else self._per_sample)
 
-    def _ghost_weight_sum(self, c: torch.Tensor) -> torch.Tensor:
-        """sum_i c_i g_i: the weight gradient with each row's input or output gradient weighted."""
+    def _ghost_weight_sum(self, c: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_i c_i g_i: the weight gradient with each row's input or output gradient weighted (added to
+        ``total`` when given)."""
         w = None
         for x, gr in zip(self._xs, self._grs):
             cw = c.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
             term = self._weight_grad(x * cw, gr) if x.numel() <= gr.numel() else self._weight_grad(x, gr * cw)
             w = term if w is None else w + term
-        return w
+        return w if total is None else total.add_(w.reshape(total.shape))
 
     def _clear_weight(self) -> None:
         self._xs = self._grs = self._per_sample = None
@@ -529,11 +533,13 @@ class EmbeddingHandler(_PatchedForward):
         self.norms_sq = {"weight": norms * (self.scale * self.scale) if self.scale != 1.0 else norms}
         return self.norms_sq
 
-    def clipped_sum(self, factors):
+    def clipped_sum(self, factors, into=None):
         c = factors["weight"] * self.scale if self.scale != 1.0 else factors["weight"]
         g = wide(self._g)
         g = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
-        out = torch.zeros_like(self.params["weight"], dtype=g.dtype)
+        out = (into or {}).get("weight")
+        if out is None:
+            out = torch.zeros_like(self.params["weight"], dtype=g.dtype)
         out.index_add_(0, self._ids.reshape(-1), g)
         return {"weight": out}
 
@@ -604,7 +610,7 @@ class _HookedLayer(LayerHandler):
     def per_sample(self, name):
         return Dense(self._per_sample[name])
 
-    def clipped_sum(self, factors):
+    def clipped_sum(self, factors, into=None):
         out = {}
         for name, c in factors.items():
             c = c * self.scale if self.scale != 1.0 else c
