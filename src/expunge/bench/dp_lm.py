@@ -22,9 +22,9 @@ is given position ids of shape (B, T). Every private mode clips at C = 1 and add
 On the CPU the timing and memory method is dp-engine's (see expunge.bench.dp_engine): one intra-op thread
 per worker process, REPLICAS workers per mode kept alive, modes interleaved round by round, the median step;
 peak memory from a fresh process per (model, mode), resident high-water mark above the baseline after the
-same imports. With ``device="cuda"`` every case lives in this process: peak memory is
-torch.cuda.max_memory_allocated above what was allocated before the case was built, and steps are timed with
-synchronisation, modes interleaved round by round.
+same imports. With ``device="cuda"`` (batch 32, sequence 256, the full depths) every case lives in this
+process: peak memory is torch.cuda.max_memory_allocated above what was allocated before the case was built,
+measured one case at a time; steps are timed with synchronisation, modes interleaved round by round.
 """
 from __future__ import annotations
 
@@ -150,37 +150,68 @@ def case_factory(seq_len: int, layers: dict | None = None, device: str = "cpu"):
 
 # -- on a GPU: every case in this process --------------------------------------------------------------------
 
-def _run_cuda(models, modes, batch_size, seq_len, layers, repeats, tiny, say) -> list[dict]:
-    import gc
+class CudaMeter:
+    """Synchronisation and peak memory on the current CUDA device."""
+    method = "torch.cuda.max_memory_allocated above the allocation before the case was built"
 
+    def sync(self) -> None:
+        torch.cuda.synchronize()
+
+    def start(self) -> None:
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak_mb(self) -> float:
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+
+
+class CpuMeter:
+    """The same protocol in this process on the CPU (tests of the in-process path: memory only indicative)."""
+    method = "VmHWM in process (indicative)"
+
+    def sync(self) -> None:
+        pass
+
+    def start(self) -> None:
+        from .dp_engine import PeakMemory
+
+        self.memory = PeakMemory()
+
+    def peak_mb(self) -> float:
+        return self.memory.peak_mb()
+
+
+def run_in_process(models, modes, batch_size, seq_len, layers, repeats, tiny, device, meter, say,
+                   steps_per_round: int = 3) -> list[dict]:
+    """Every case in this process (a GPU's): peak memory one case at a time, then the modes interleaved
+    round by round, `steps_per_round` synchronised steps each; the median step."""
     rows = []
     for model_name in models:
         peaks = {}
-        for mode in modes:  # memory: one case at a time, peak above what was there before it was built
+        for mode in modes:
             say(f"{model_name}: peak memory of {mode}")
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            case = LMCase(model_name, mode, batch_size, tiny, seq_len=seq_len, layers=layers, device="cuda")
+            meter.start()
+            case = LMCase(model_name, mode, batch_size, tiny, seq_len=seq_len, layers=layers, device=device)
             for _ in range(3):
                 case.step()
-            torch.cuda.synchronize()
-            peaks[mode] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            peaks[mode] = meter.peak_mb()
             del case
-        gc.collect()
-        torch.cuda.empty_cache()
-        cases = {mode: LMCase(model_name, mode, batch_size, tiny, seq_len=seq_len, layers=layers, device="cuda")
+        cases = {mode: LMCase(model_name, mode, batch_size, tiny, seq_len=seq_len, layers=layers, device=device)
                  for mode in modes}
         times = {mode: [] for mode in modes}
-        for r in range(repeats + 1):  # round 0 warms up; then the modes in turn, a few steps each
+        for r in range(repeats + 1):  # round 0 warms up
             for mode, case in cases.items():
-                for _ in range(3):
-                    torch.cuda.synchronize()
+                for _ in range(steps_per_round):
+                    meter.sync()
                     start = time.perf_counter()
                     case.step()
-                    torch.cuda.synchronize()
+                    meter.sync()
                     if r:
                         times[mode].append(time.perf_counter() - start)
             if r:
@@ -189,9 +220,8 @@ def _run_cuda(models, modes, batch_size, seq_len, layers, repeats, tiny, say) ->
         for mode in modes:
             seconds = statistics.median(times[mode])
             rows.append({"model": model_name, "mode": mode, "batch_size": batch_size, "params": cases[mode].params,
-                         "step_ms": 1e3 * seconds, "samples_per_s": batch_size / seconds,
-                         "peak_mem_mb": peaks[mode], "mem_method": "torch.cuda.max_memory_allocated above the "
-                         "allocation before the case", "repeats": repeats, "steps": len(times[mode])})
+                         "step_ms": 1e3 * seconds, "samples_per_s": batch_size / seconds, "peak_mem_mb": peaks[mode],
+                         "mem_method": meter.method, "repeats": repeats, "steps": len(times[mode])})
         del cases
     return rows
 
@@ -213,7 +243,7 @@ def run(repeats: int = 3, models=MODELS, modes=MODES, batch_size: int | None = N
             console.print(f"[dim]{text}[/dim]")
 
     if device == "cuda":
-        rows = _run_cuda(models, modes, batch_size, seq_len, layers, repeats, tiny, say)
+        rows = run_in_process(models, modes, batch_size, seq_len, layers, repeats, tiny, "cuda", CudaMeter(), say)
         threads = None
     elif device == "cpu":
         kwargs = {} if round_s is None else {"round_s": round_s}
