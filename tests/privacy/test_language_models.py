@@ -266,3 +266,13 @@ def test_dp_continual_pretraining_of_a_language_model():
     private_only = accounting.epsilon([accounting.Phase(engine.noise_multiplier, 4 / 12, 3)], 1e-3)
     assert engine.epsilon() == pytest.approx(private_only) and private_only <= 2.0 + 1e-3
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_gradient_checkpointing_stays_exact():
+    """Hugging Face's gradient checkpointing recomputes each block's forward during the backward pass; the
+    recomputed calls are not backpropagated through, and the clipped sum stays exact."""
+    model = build("llama", tied=True, seed=10)
+    model.gradient_checkpointing_enable()
+    model.train()
+    check(model, "layer-wise")

@@ -322,6 +322,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None,
          device: str = "cpu") -> list[dict]:
-    """The data folder is not needed (random tokens). ``limit`` (any value) runs tiny models: a smoke run."""
-    rows = run(repeats=repeats, device=device, tiny=bool(limit), progress=progress, console=console)
+    """The data folder is not needed (random tokens). ``limit`` (any value) runs tiny models in this process:
+    a smoke run of a minute (its speed and memory figures mean nothing)."""
+    rows = run(repeats=repeats, device=device, tiny=bool(limit), isolate=not limit, round_s=0.0 if limit else None,
+               progress=progress, console=console)
     return report(rows, json_out, table, plot, console)

@@ -359,7 +359,7 @@ class PrivacyEngine:
         if total is None:
             return
         factors = clip_factors(total.sqrt(), group.threshold, self.clip_fn, self.gamma)
-        for h in group.handlers:
+        for h in sorted(group.handlers, key=lambda h: h.sums_into_others):  # a tied head's dense sum first
             if h.norms_sq is None:
                 continue
             names = [pname for hh, pname in group.members if hh is h]

@@ -69,6 +69,8 @@ class LayerHandler:
     """Collects (input, output-gradient) pairs of one module and turns them into per-parameter
     squared per-sample norms and clipped sums."""
 
+    sums_into_others = False  # True when the clipped sum is best added into one another layer made (sparse rows)
+
     def __init__(self, name: str, module: nn.Module, params: dict[str, nn.Parameter]):
         self.name, self.module, self.params = name, module, params  # params: attribute name -> trainable parameter
         self.calls = 0  # forward calls whose output gradient is awaited
@@ -501,6 +503,8 @@ class _CaptureEmbedding(torch.autograd.Function):
 
 
 class EmbeddingHandler(_PatchedForward):
+    sums_into_others = True  # its clipped sum touches a few rows: added into a tied head's sum, not into zeros
+
     def attach(self) -> None:
         handler, module = self, self.module
 
