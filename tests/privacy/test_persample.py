@@ -770,3 +770,23 @@ def test_forward_without_backward_between_steps_changes_nothing():
     engine.optimizer.step()
     got = OrderedDict((n, p.grad * B) for n, p in model.named_parameters())
     assert rel_err(got, ref) < TOL
+
+
+def test_a_layer_called_on_its_own_is_not_expanded():
+    """Only forwards of the model given to make_private expand one-row inputs; a part called on its own
+    keeps its shape, and a backward through it names the fix."""
+    torch.manual_seed(22)
+    model = Broadcast().to(DT)
+    ids, y = token_ids(pad=0)[:, :5], labels()
+    engine = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), (ids, y), batch_size=B,
+                          noise_multiplier=0.0, max_grad_norm=1.0)
+    F.cross_entropy(model(ids), y).backward()
+    engine.optimizer.step()
+    out = model.pos(torch.arange(5).unsqueeze(0))
+    assert out.shape == (1, 5, 4)
+    engine.optimizer.zero_grad()
+    positions = model.pos(torch.arange(5).unsqueeze(0))
+    loss = F.cross_entropy(model.head(torch.tanh(model.tok(ids) + positions).mean(1)), y)
+    loss.backward()
+    with pytest.raises(ExpungeError, match="call that model"):
+        engine.optimizer.step()

@@ -309,11 +309,18 @@ class PrivacyEngine:
         for h in self.handlers:
             h.on_capture = self._on_capture
             h.attach()
-        self._rows_hook = model.register_forward_pre_hook(self._note_rows, with_kwargs=True)
+        # the layers learn how many rows each forward of the model has (an input of one row is broadcast over
+        # them), and forget it when the forward ends (a layer called on its own is left as it is)
+        self._rows_hooks = (model.register_forward_pre_hook(self._note_rows, with_kwargs=True),
+                            model.register_forward_hook(self._forget_rows, always_call=True))
 
     def _note_rows(self, module, args, kwargs) -> None:
-        """Tell the layers how many rows this forward has (an input of one row is broadcast over them)."""
-        rows = batch_rows(args, kwargs)
+        self._set_rows(batch_rows(args, kwargs))
+
+    def _forget_rows(self, module, args, output) -> None:
+        self._set_rows(0)
+
+    def _set_rows(self, rows: int) -> None:
         for h in self.handlers:
             h.batch_rows = rows
 
@@ -386,6 +393,11 @@ class PrivacyEngine:
         expected = self._loader_rows
         if expected is None:
             expected = self._rows_seen = getattr(self, "_rows_seen", None) or rows
+        if rows == 1 and expected > 1:
+            raise ExpungeError(
+                f"layer {handler.name or '<model>'} saw 1 row but the batch has {expected}: an input of one row "
+                "that broadcasts over the batch is expanded to the batch's rows only in calls of the model given "
+                "to make_private; call that model, not one of its parts")
         if rows != expected:
             raise ExpungeError(
                 f"layer {handler.name or '<model>'} saw {rows} rows but the batch has {expected}: per-sample "
@@ -616,7 +628,8 @@ class PrivacyEngine:
             h.detach()
             h.reset()
             h.batch_rows = 0
-        self._rows_hook.remove()
+        for hook in self._rows_hooks:
+            hook.remove()
 
     def summary(self, delta: float | None = None) -> dict:
         delta = delta if delta is not None else self.target_delta

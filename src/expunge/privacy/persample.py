@@ -240,7 +240,7 @@ class LinearHandler(_PatchedForward):
         if "weight" in self.params:
             # per-sample gradients are kept in float32 at least: in units of what the ghost norm keeps, they
             # cost twice as much when the activations are half or bfloat16
-            kept = T * (p + d) * a.element_size() // wide(a[:1, :1, :1]).element_size()
+            kept = T * (p + d) // 2 if a.dtype in LOW_PRECISION else T * (p + d)
             if T == 1:  # the gradient is the outer product g a^T: its norm is |a| |g|
                 norms["weight"] = _sq_rows(a[:, 0]) * _sq_rows(g[:, 0])
                 self._a, self._g = a, g
@@ -251,7 +251,7 @@ class LinearHandler(_PatchedForward):
                 norms["weight"] = _ghost_norm(_gram(a, shared), _gram(g, None))
                 self._a, self._g = a, g
         if "bias" in self.params:
-            self._bias_per_sample = g.sum(1, dtype=wide(g[:1, :1, :1]).dtype)
+            self._bias_per_sample = g.sum(1, dtype=torch.float32 if g.dtype in LOW_PRECISION else None)
             norms["bias"] = _sq_rows(self._bias_per_sample)
         if s2 != 1.0:  # the output gradients were of a mean loss: scale the norms, not the tensors
             norms = {k: v * s2 for k, v in norms.items()}
@@ -343,16 +343,15 @@ def _sq_rows(v: torch.Tensor) -> torch.Tensor:
 WIDE_BLOCK = 1 << 24  # numbers per block when low-precision tensors are widened to float32 for a product
 
 
-def _row_blocks(a: torch.Tensor, g: torch.Tensor, *rest):
-    """(a, g, *rest) whole, or in blocks of rows when a and g are half or bfloat16 and would be widened to
-    float32 (so that the widened copy stays near WIDE_BLOCK numbers, not the size of the whole batch)."""
-    if a.dtype not in LOW_PRECISION and g.dtype not in LOW_PRECISION:
-        yield (a, g, *rest)
+def _row_blocks(*tensors: torch.Tensor):
+    """The tensors (all with the batch's rows first) whole, or in blocks of rows when one is half or bfloat16
+    and would be widened to float32 (so that the widened copies stay near WIDE_BLOCK numbers)."""
+    if not any(t.dtype in LOW_PRECISION for t in tensors):
+        yield tensors
         return
-    per_row = max(1, a[0].numel() + g[0].numel())
-    step = max(1, WIDE_BLOCK // per_row)
-    for start in range(0, a.shape[0], step):
-        yield (a[start:start + step], g[start:start + step], *(r[start:start + step] for r in rest))
+    step = max(1, WIDE_BLOCK // max(1, sum(t[0].numel() for t in tensors)))
+    for start in range(0, tensors[0].shape[0], step):
+        yield tuple(t[start:start + step] for t in tensors)
 
 
 _GRAMS: dict[int, tuple] = {}  # id(input tensor) -> (weak reference, its Gram blocks, version)
@@ -370,7 +369,7 @@ def _gram(a: torch.Tensor, source: torch.Tensor | None) -> tuple[torch.Tensor, .
             return hit[1]
     T = a.shape[1]
     parts = []
-    for block, _ in _row_blocks(a, a[:, :0]):  # widened to float32 a block of rows at a time
+    for (block,) in _row_blocks(a):  # widened to float32 a block of rows at a time
         block = wide(block)
         if T < _BLOCKED_FROM:
             parts.append((torch.bmm(block, block.transpose(1, 2)),))
