@@ -790,3 +790,23 @@ def test_a_layer_called_on_its_own_is_not_expanded():
     loss.backward()
     with pytest.raises(ExpungeError, match="call that model"):
         engine.optimizer.step()
+
+
+class FunctionalHead(nn.Module):
+    """Logits from the embedding table used as a plain tensor: no module sees that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+
+    def forward(self, ids):
+        return torch.tanh(self.emb(ids)).mean(1) @ self.emb.weight[:3].t()
+
+
+def test_a_parameter_used_outside_its_module_is_refused():
+    torch.manual_seed(23)
+    model = FunctionalHead().to(DT)
+    ids, y = token_ids(pad=0), labels()
+    make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), (ids, y), batch_size=B, noise_multiplier=0.0)
+    with pytest.raises(ExpungeError, match="outside its module"):
+        F.cross_entropy(model(ids), y).backward()

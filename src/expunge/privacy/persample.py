@@ -79,6 +79,7 @@ class LayerHandler:
         self.scale = 1.0  # multiplies output gradients (loss reduction "mean": the batch size)
         self.free_after_sum = True  # False when the engine sums twice (DiceSGD also needs sum_i g_i)
         self.shared: set[str] = set()  # parameters that other handlers use too (tied weights)
+        self.guarded: set[str] = set()  # parameters whose every gradient must come through handlers like this one
         self.batch_rows = 0  # rows of the model's current forward (set by the engine; 0 when unknown)
 
     # -- capture ---------------------------------------------------------------------------------
@@ -185,11 +186,31 @@ class _PatchedForward(LayerHandler):
 
         self._original_forward = module.forward
         module.forward = types.MethodType(forward, module)
+        self._guard_parameters()
+
+    def _guard_parameters(self) -> None:
+        """The capturing forward gives autograd no gradient for these parameters: a gradient that reaches one
+        comes from a use that no handler sees (a functional x @ weight.T outside the module, a call with extra
+        arguments), whose per-sample part would escape clipping. Refused while capturing."""
+        def guard(name):
+            def hook(grad):
+                if grad is not None and capturing():  # (the capturing forward's own None passes)
+                    raise ExpungeError(
+                        f"parameter {self.name}.{name} received a gradient from a use outside its module's plain "
+                        f"forward (a functional use such as x @ {self.name}.{name}.T, or a call with extra "
+                        "arguments): per-sample clipping cannot see that use; use the parameter through its "
+                        "module (tie another module's parameter to it instead)")
+                return grad
+            return hook
+
+        self._guards = [p.register_hook(guard(name)) for name, p in self.params.items() if name in self.guarded]
 
     def detach(self) -> None:
         if hasattr(self, "_original_forward"):
             del self.module.forward  # the instance attribute goes; the class method shows through again
             del self._original_forward
+            for guard in self._guards:
+                guard.remove()
 
     def plain_forward(self, x, *args, **kwargs):
         return self._original_forward(x, *args, **kwargs)
@@ -516,6 +537,7 @@ class EmbeddingHandler(_PatchedForward):
 
         self._original_forward = module.forward
         module.forward = types.MethodType(forward, module)
+        self._guard_parameters()
 
     def _tokens(self):
         ids = [i.reshape(i.shape[0], -1) for i, _ in self.pairs]
@@ -743,6 +765,9 @@ def build_handlers(model: nn.Module) -> list[LayerHandler]:
         if len(uses) > 1:
             for handler, pname in uses:
                 handler.shared.add(pname)
+        if all(isinstance(h, _PatchedForward) for h, _ in uses):  # autograd computes none of its gradient
+            handler, pname = uses[0]
+            handler.guarded.add(pname)
     return handlers
 
 
