@@ -200,12 +200,13 @@ def test_causal_lm_loss_is_the_mean_over_each_rows_counted_tokens():
     assert torch.allclose(causal_lm_loss(logits, labels, reduction="sum", per_row="sum"), 2 * (row0 + row1))
 
 
-def test_bfloat16_model_gets_float32_norms_and_clipped_sums(monkeypatch):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bfloat16_model_gets_float32_norms_and_clipped_sums(arch, monkeypatch):
     """A bfloat16 model keeps bfloat16 activations; its norms and clipped sums are float32, and the step
     agrees with the same weights run in float32 to bfloat16's precision."""
     from expunge.privacy import engine as engine_module
 
-    m16 = build("gpt2", tied=True, seed=5, dtype=torch.bfloat16)
+    m16 = build(arch, tied=True, seed=5, dtype=torch.bfloat16)
     m32 = copy.deepcopy(m16).float()  # the same weights
     data = batch(seed=5)
     per_row = per_row_grads(copy.deepcopy(m32), *data)
@@ -228,7 +229,7 @@ def test_bfloat16_model_gets_float32_norms_and_clipped_sums(monkeypatch):
     assert seen == [torch.float32, torch.float32] and set(summed) == {torch.float32}
     assert all(p.grad.dtype == torch.bfloat16 for p in m16.parameters())
     err = max(((got16[n].float() - got32[n]).norm() / got32[n].norm()).item() for n in got32)
-    assert err < 0.05, f"bfloat16 step differs from float32 by {err:.3g}"
+    assert err < 0.03, f"bfloat16 step differs from float32 by {err:.3g}"  # measured: 0.0085
 
 
 def test_dp_continual_pretraining_of_a_language_model():
