@@ -123,12 +123,32 @@ def batch_rows(args, kwargs) -> int:
 
 
 class NoiseSource:
-    """Standard normal draws: a seeded torch generator (reproducible), or the OS CSPRNG (secure_rng)."""
+    """Standard normal draws: a seeded torch generator (reproducible), or the OS CSPRNG (secure_rng). Noise
+    for parameters on an accelerator is drawn there, by a generator of that device with the same seed."""
 
     def __init__(self, seed: int | None, secure: bool):
         self.secure = secure
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator()
-        self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        self.generator.manual_seed(self.seed)
+        self.device_generators: dict[str, torch.Generator] = {}
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu":
+            return self.generator
+        key = str(device)
+        if key not in self.device_generators:
+            self.device_generators[key] = torch.Generator(device).manual_seed(self.seed)
+        return self.device_generators[key]
+
+    def state_dict(self) -> dict:
+        return {"cpu": self.generator.get_state(),
+                "devices": {k: g.get_state() for k, g in self.device_generators.items()}}
+
+    def load_state_dict(self, cpu_state, devices: dict) -> None:
+        self.generator.set_state(cpu_state)
+        for key, state in devices.items():
+            self.generator_for(torch.device(key)).set_state(state)
 
     BLOCK = 1 << 20  # numbers drawn at a time by add_to
 
@@ -138,12 +158,13 @@ class NoiseSource:
         flat = t.view(-1)
         for start in range(0, flat.numel(), self.BLOCK):
             part = flat[start:start + self.BLOCK]
-            part.add_(self.normal(part.shape, part.dtype), alpha=std)
+            part.add_(self.normal(part.shape, part.dtype, part.device), alpha=std)
         return t
 
-    def normal(self, shape, dtype) -> torch.Tensor:
+    def normal(self, shape, dtype, device=None) -> torch.Tensor:
+        device = torch.device(device if device is not None else "cpu")
         if not self.secure:
-            return torch.randn(shape, generator=self.generator, dtype=dtype)
+            return torch.randn(shape, generator=self.generator_for(device), dtype=dtype, device=device)
         n = int(np.prod(shape)) if len(shape) else 1
         # Box-Muller on 53-bit uniforms from os.urandom: no seedable state for an attacker to recover.
         bits = np.frombuffer(os.urandom(16 * ((n + 1) // 2)), dtype=np.uint64).reshape(2, -1)
@@ -151,7 +172,7 @@ class NoiseSource:
         u2 = (bits[1] >> np.uint64(11)).astype(np.float64) / 2.0**53
         r = np.sqrt(-2.0 * np.log(u1))
         z = np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:n]
-        return torch.from_numpy(z).to(dtype).reshape(shape)
+        return torch.from_numpy(z).to(dtype).reshape(shape).to(device)
 
 
 class PoissonLoader:
@@ -600,6 +621,7 @@ class PrivacyEngine:
             "steps": self.steps, "phases": [p.to_dict() for p in self.phases], "target_delta": self.target_delta,
             "phase_name": self.phase_name,
             "noise_rng": self.noise.generator.get_state(), "rows_rng": self._rows_rng.bit_generator.state,
+            "noise_rng_devices": self.noise.state_dict()["devices"],
             "planned_steps": self.planned_steps, "transforms": [t.state_dict() for t in self.transforms],
         }
 
@@ -614,7 +636,7 @@ class PrivacyEngine:
         self.steps, self.phases = state["steps"], [Phase(**p) for p in state["phases"]]
         self.phase_name = state.get("phase_name", "")
         self.target_delta, self.planned_steps = state["target_delta"], state["planned_steps"]
-        self.noise.generator.set_state(state["noise_rng"])
+        self.noise.load_state_dict(state["noise_rng"], state.get("noise_rng_devices", {}))
         self._rows_rng.bit_generator.state = state["rows_rng"]
         if len(state.get("transforms", [])) != len(self.transforms):
             raise ExpungeError("the saved engine had other transforms: pass the same transforms to make_private")
