@@ -156,9 +156,14 @@ class NoiseSource:
         """t += std * N(0, I), in place, drawn a block at a time (t may be as large as an embedding table)."""
         t = t.contiguous()
         flat = t.view(-1)
+        buffer = None if self.secure else torch.empty(min(self.BLOCK, flat.numel()), dtype=t.dtype, device=t.device)
         for start in range(0, flat.numel(), self.BLOCK):
             part = flat[start:start + self.BLOCK]
-            part.add_(self.normal(part.shape, part.dtype, part.device), alpha=std)
+            if buffer is None:
+                draw = self.normal(part.shape, part.dtype, part.device)
+            else:  # the same numbers as randn, in one reused buffer (no fresh pages per block)
+                draw = buffer[:part.numel()].normal_(generator=self.generator_for(t.device))
+            part.add_(draw, alpha=std)
         return t
 
     def normal(self, shape, dtype, device=None) -> torch.Tensor:
