@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import ExpungeError
 from . import accounting
 from .accounting import Phase
+from .distributed import DataParallel
 from .persample import LayerHandler, build_handlers
 from .shared import LOW_PRECISION, inner
 
@@ -141,6 +142,11 @@ class NoiseSource:
             self.device_generators[key] = torch.Generator(device).manual_seed(self.seed)
         return self.device_generators[key]
 
+    def fork(self, stream: int) -> NoiseSource:
+        """An independent source for `stream` (a rank's own noise), reproducible from this one's seed."""
+        seed = int(np.random.SeedSequence([self.seed, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+        return NoiseSource(seed, self.secure)
+
     def state_dict(self) -> dict:
         return {"cpu": self.generator.get_state(),
                 "devices": {k: g.get_state() for k, g in self.device_generators.items()}}
@@ -199,6 +205,8 @@ class PoissonLoader:
         for rows in self.logical_batches():
             chunks = [rows[i:i + self.physical_batch_size] for i in range(0, len(rows), self.physical_batch_size)]
             chunks = chunks or [rows]
+            if self.engine.dist is not None:  # every rank takes as many forwards (their collectives pair up)
+                chunks += [rows[:0]] * (self.engine.dist.most(len(chunks)) - len(chunks))
             for k, chunk in enumerate(chunks):
                 self.engine.optimizer._logical_end = k == len(chunks) - 1
                 self.engine._loader_rows = len(chunk)
@@ -301,7 +309,7 @@ class PrivacyEngine:
                  noise_multiplier: float, max_grad_norm: float, clipping, clip_fn: str, gamma: float,
                  physical_batch_size: int, steps_per_epoch: int, loss_reduction: str, seed: int | None,
                  secure_rng: bool, target_delta: float | None, accountant: str, planned_steps: int | None,
-                 transforms=None):
+                 transforms=None, distributed: DataParallel | None = None):
         self.model, self.n = model, n
         self.sample_rate, self.noise_multiplier, self.max_grad_norm = sample_rate, noise_multiplier, max_grad_norm
         self.clip_fn, self.gamma, self.loss_reduction = clip_fn, gamma, loss_reduction
@@ -318,6 +326,9 @@ class PrivacyEngine:
         # rows are drawn from a stream of their own (seed + 1), so noise and sampling never share draws
         self._rows_rng = np.random.default_rng(None if secure_rng or seed is None else seed + 1)
         self.secure_rng = secure_rng
+        self.dist = distributed  # data parallel over a process group (DDP, FSDP2), or None
+        if distributed is not None:
+            distributed.bind(self)
         self.optimizer = DPOptimizer(optimizer, self)
         self.loader = PoissonLoader(self, data, n, steps_per_epoch, physical_batch_size)
         self.phases: list[Phase] = []
@@ -356,6 +367,8 @@ class PrivacyEngine:
         return self.sample_rate * self.n
 
     def _draw_batch(self, n: int) -> np.ndarray:
+        if self.dist is not None:
+            return self.dist.draw(self)
         if self.secure_rng:
             self._rows_rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         return np.flatnonzero(self._rows_rng.random(n) < self.sample_rate)
@@ -372,6 +385,8 @@ class PrivacyEngine:
         for group in self._groups_of[handler]:
             if not group.done and all(h.norms_sq is not None for h in group.handlers):
                 self._clip_group(group)
+                if self.dist is not None and self.optimizer._logical_end:  # its sum is final: reduce it now
+                    self.dist.ready(self, group)
                 for h in group.handlers:  # only a group just clipped can finish a handler (was O(H) per capture)
                     if h.norms_sq is not None and all(g.done for g in self._groups_of[h]):
                         h.reset()
@@ -449,8 +464,14 @@ class PrivacyEngine:
         """clip (done) -> transforms before noise -> noise -> average -> transforms after noise -> p.grad."""
         # sums, noise and transforms in float32 at least (a bfloat16 model gets its gradient rounded only at the end)
         def held(sums, p):
-            return sums[id(p)] if id(p) in sums else torch.zeros_like(p, dtype=_wide_dtype(p))
+            return sums[id(p)] if id(p) in sums else torch.zeros(p.shape, dtype=_wide_dtype(p), device=p.device)
 
+        if self.dist is not None:  # reduced over the ranks, noised once, averaged; in each parameter's layout
+            for p, g in zip(self.params, self.dist.release(self)):
+                p.grad = g.to(p.dtype)
+            self.summed = {}
+            self.steps += 1
+            return
         summed = [held(self.summed, p) for p in self.params]
         unclipped = [held(self.unclipped, p) for p in self.params] if self.need_unclipped else None
         for t in self.transforms:
@@ -628,6 +649,7 @@ class PrivacyEngine:
             "noise_rng": self.noise.generator.get_state(), "rows_rng": self._rows_rng.bit_generator.state,
             "noise_rng_devices": self.noise.state_dict()["devices"],
             "planned_steps": self.planned_steps, "transforms": [t.state_dict() for t in self.transforms],
+            **({"distributed": self.dist.state_dict(self)} if self.dist is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -647,6 +669,11 @@ class PrivacyEngine:
             raise ExpungeError("the saved engine had other transforms: pass the same transforms to make_private")
         for t, ts in zip(self.transforms, state.get("transforms", [])):
             t.load_state_dict(ts)
+        if (self.dist is None) != ("distributed" not in state):
+            raise ExpungeError("the saved engine ran " + ("on one process" if self.dist is not None else
+                               "over a process group") + ": resume it the same way")
+        if self.dist is not None:
+            self.dist.load_state_dict(self, state["distributed"])
         self._set_noise_variance()
 
     def detach(self) -> None:
@@ -657,6 +684,8 @@ class PrivacyEngine:
             h.batch_rows = 0
         for hook in self._rows_hooks:
             hook.remove()
+        if self.dist is not None:
+            self.dist.detach()
 
     def summary(self, delta: float | None = None) -> dict:
         delta = delta if delta is not None else self.target_delta
@@ -699,11 +728,16 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
                  max_grad_norm: float = 1.0, clipping="all-layer", clip_fn: str = "abadi", gamma: float = 0.01,
                  physical_batch_size: int | None = None, loss_reduction: str = "mean", seed: int | None = None,
                  secure_rng: bool = False, accountant: str = "pld", prior_phases: list[Phase] | None = None,
-                 transforms=None) -> PrivacyEngine:
+                 transforms=None, distributed: bool | None = None) -> PrivacyEngine:
     """Make `model` train privately with `optimizer` on `data` (a tuple of tensors, a TensorDataset or a
     map-style Dataset). Give either target_epsilon + target_delta + (epochs or steps), for which the noise
     is calibrated on dp-accounting, or a fixed noise_multiplier. Everything is checked before any hook is
-    attached. Returns the engine; train with engine.loader and engine.optimizer."""
+    attached. Returns the engine; train with engine.loader and engine.optimizer.
+
+    Over a process group (torchrun; the model plain, wrapped in DistributedDataParallel or sharded by
+    fully_shard) the engine trains data parallel: distributed=True asks for it, None (the default) uses it
+    whenever a process group of more than one rank is initialised or the model is DDP/FSDP2, False refuses
+    it. Sampling, normalisation and accounting stay global (see expunge.privacy.distributed)."""
     n = data_length(data)
     check_batch_size(batch_size, n)
     physical_batch_size = physical_batch_size or batch_size
@@ -726,6 +760,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
                            "optimizer from model.parameters()")
     if isinstance(optimizer, DPOptimizer):
         raise ExpungeError("this optimizer is already private: pass the base optimizer")
+    parallel = DataParallel.detect(model, distributed)
+    if parallel is not None and transforms:
+        raise ExpungeError("gradient transforms (DiSK, DOPPLER, DiceSGD, coupling) do not run data parallel yet: "
+                           "train them in one process (distributed=False)")
     sample_rate = batch_size / n
     prior = list(prior_phases or [])
     if target_epsilon is not None:
@@ -748,11 +786,13 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
         planned = steps
         if noise_multiplier == 0:
             warnings.warn("noise_multiplier 0: training clips but adds no noise, so it is not private", stacklevel=2)
+    if parallel is not None:
+        model, seed = parallel.model, parallel.shared_seed(seed, secure_rng)
     engine = PrivacyEngine(model, optimizer, data, n=n, sample_rate=sample_rate,
                            noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
                            clipping=clipping, clip_fn=clip_fn, gamma=gamma, physical_batch_size=int(physical_batch_size),
                            steps_per_epoch=_steps_per_epoch(sample_rate), loss_reduction=loss_reduction, seed=seed,
                            secure_rng=secure_rng, target_delta=target_delta, accountant=accountant,
-                           planned_steps=planned, transforms=transforms)
+                           planned_steps=planned, transforms=transforms, distributed=parallel)
     engine.phases = prior
     return engine

@@ -564,7 +564,8 @@ class EmbeddingHandler(_PatchedForward):
         g = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
         out = (into or {}).get("weight")
         if out is None:
-            out = torch.zeros_like(self.params["weight"], dtype=g.dtype)
+            # (shape, not zeros_like: under FSDP2 the parameter is a sharded DTensor; the sum is whole)
+            out = torch.zeros(self.params["weight"].shape, dtype=g.dtype, device=g.device)
         out.index_add_(0, self._ids.reshape(-1), g)
         return {"weight": out}
 
@@ -675,7 +676,8 @@ class FunctionalHandler(_HookedLayer):
         """Tensor arguments (positional or keyword) whose first dimension is the batch are split by row;
         anything else (a shared causal mask, a flag) is passed whole to every row."""
         # in float32 at least: a module stored in bfloat16 gets its per-sample gradients from a float32 copy
-        params = {name: wide(p.detach()) for name, p in self.params.items()}
+        # the module's own parameters as they are now (FSDP2 swaps in unsharded ones for the forward)
+        params = {name: wide(getattr(self.module, name).detach()) for name in self.params}
         g = wide(g)
         inputs = tuple(wide(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inputs)
         kwargs = {k: wide(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
