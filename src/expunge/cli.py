@@ -501,7 +501,7 @@ def ledger(
 @friendly
 def bench(
     name: str = typer.Argument(..., help="Benchmark to run: deltagrad, certified, sisa, forgetting, dp-engine, "
-                                          "dp-mnist, dp-optimizers or dp-lm."),
+                                          "dp-mnist, dp-optimizers, dp-lm or dp-distributed."),
     data: Path = typer.Option(Path("../shared/data"), help="Data folder (holds mnist/mnist.npz, ...)."),
     json_out: Path = typer.Option(None, "--json", help="Where to write the JSON rows (default benchmarks/results/NAME.json); "
                                   "a plot is written beside it."),
