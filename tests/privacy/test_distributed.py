@@ -102,14 +102,17 @@ def private(kind, model, noise=0.0, clipping="all-layer", physical=2, momentum=0
                         distributed=distributed)
 
 
-def train(kind, engine, model, steps):
-    """Logical steps through the loader; returns the rows this process saw in each."""
+def train(kind, engine, model, steps, started=None):
+    """Logical steps through the loader; returns the rows this process saw in each. `started` collects, for
+    each last physical batch with rows, how many clipping groups' reductions the backward pass launched."""
     rows, seen, target = [], 0, engine.steps + steps
     while engine.steps < target:
         for batch in engine.loader:
             engine.optimizer.zero_grad()
             loss_of(kind, model, batch).backward()
             seen += len(batch[0])
+            if started is not None and engine.optimizer._logical_end and len(batch[0]):
+                started.append(engine.dist._next)
             engine.optimizer.step()
             if engine.optimizer._logical_end:
                 rows.append(seen)
@@ -142,8 +145,10 @@ def worker(rank, world, folder):
         for name, (kind, wrapper, clipping, physical, noise, momentum) in SCENARIOS.items():
             model = wrap(build(kind), wrapper)
             engine = private(kind, model, noise, clipping, physical, momentum)
-            rows = train(kind, engine, model, STEPS)
-            out[name] = {"params": params(model), "rows": rows, "epsilon": engine.epsilon()}
+            started = []
+            rows = train(kind, engine, model, STEPS, started)
+            out[name] = {"params": params(model), "rows": rows, "epsilon": engine.epsilon(), "started": started,
+                         "groups": len(engine.groups)}
             engine.detach()
         for wrapper in ("ddp", "fsdp"):  # injected noise: one step with and one without, on the same rows
             got = {}
@@ -191,7 +196,7 @@ def ranks(request):
 
 
 def one_process(name):
-    kind, _, clipping, physical, noise, momentum = SCENARIOS[name]
+    kind, _, clipping, _, noise, momentum = SCENARIOS[name]  # in one physical batch
     model = build(kind)
     engine = private(kind, model, noise, clipping, physical=BATCH, momentum=momentum, distributed=False)
     train(kind, engine, model, STEPS)
@@ -236,6 +241,15 @@ def test_ranks_draw_uneven_and_empty_shares_of_one_batch(ranks):
     assert rows.sum(0).tolist() == train("mlp", engine, model, STEPS)  # the union is one process's batch
 
 
+@pytest.mark.parametrize("name", ["ddp layer-wise", "fsdp layer-wise", "ddp all-layer"])
+def test_reductions_start_inside_the_backward_pass(ranks, name):
+    """Every group's reduction is launched by the backward pass (overlapping it), none left for step()."""
+    world, results = ranks
+    started = [(n, results[r][name]["groups"]) for r in range(world) for n in results[r][name]["started"]]
+    assert started and all(n == groups for n, groups in started)
+    assert results[0][name]["groups"] == (1 if name.endswith("all-layer") else 3)
+
+
 def test_replicas_are_bit_identical(ranks):
     world, results = ranks
     for name in [*SCENARIOS, "ddp noise"]:
@@ -249,7 +263,7 @@ def test_replicas_are_bit_identical(ranks):
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_injected_noise_has_std_sigma_c_once(ranks, wrapper):
     """(noisy - noise-free gradient) * q n over ~4,000 coordinates: std sigma * C, not sqrt(W) off."""
-    world, results = ranks
+    _, results = ranks
     noise = torch.cat([v.flatten() for v in results[0][f"{wrapper} noise"].values()]) * BATCH
     std = noise.std().item()
     assert std == pytest.approx(2.0 * C, rel=0.05)
