@@ -207,6 +207,8 @@ def train(
     physical_batch_size: Optional[int] = typer.Option(None, help="DP: split each sampled batch into physical "
                                                       "batches of this many rows (memory); noise is added once."),
     accountant: str = typer.Option("pld", help="DP: accountant that calibrates the noise, pld (tight) or rdp."),
+    nproc: int = typer.Option(1, "--nproc", help="DP: train data parallel in this many processes (torch.distributed, "
+                              "gloo, DDP); batches, noise and epsilon are one process's with the same seed."),
     dp_transform: str = typer.Option("none", help="DP: transformation of the private gradient: none (DP-SGD/DP-Adam), "
                                      "disk (Kalman filter, kappa 0.7, gamma 0.5), doppler (low-pass filter) or "
                                      "dicesgd (error feedback, C2 = C)."),
@@ -244,6 +246,8 @@ def train(
         train_set = preprocess(train_set, **spec)
         test_set = preprocess(test_set, **spec) if test_set is not None else None
     source = data if data == "digits" else str(Path(data).resolve())
+    if nproc != 1 and not dp:
+        raise ExpungeError("--nproc trains privately in several processes: add --dp")
     if dp:
         from .unlearn.private import PrivateTraining
 
@@ -253,7 +257,7 @@ def train(
                                   delta=1e-5 if delta is None else delta, noise_multiplier=noise_multiplier,
                                   max_grad_norm=max_grad_norm, clip_fn=clip_fn, clipping=clipping,
                                   physical_batch_size=physical_batch_size, accountant=accountant,
-                                  transform=dp_transform)
+                                  transform=dp_transform, nproc=nproc)
         fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, progress=not quiet,
                              preprocess=spec)
         method = "dp"

@@ -75,3 +75,23 @@ def test_private_runs_train_with_a_transform_and_keep_it_on_retraining(tmp_path,
     assert torch.equal(run.w, run.updater.train(run.ws, run.active, run.w0)[0])
     with pytest.raises(ExpungeError, match="dp-transform"):
         PrivateTraining(epsilon=1, transform="kalman")
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_model(tmp_path):
+    """--nproc 2: DDP over gloo with the shared row and noise streams gives one process's model (to rounding)
+    and its epsilon; a forget request retrains in two processes as well."""
+    data = blobs(200, 0)
+    one = PrivateTraining(noise_multiplier=1.0, delta=1e-4).fit(data, RECIPE, out=tmp_path / "one")
+    two = PrivateTraining(noise_multiplier=1.0, delta=1e-4, nproc=2).fit(data, RECIPE, out=tmp_path / "two")
+    assert torch.allclose(one.w, two.w, rtol=0, atol=1e-5)
+    assert (one.w - one.w0).abs().max() > 1e-2  # it trained
+    assert two.privacy["epsilon_pld"] == pytest.approx(one.privacy["epsilon_pld"], rel=1e-12)
+    assert RunModel.load(two.path).updater.nproc == 2
+
+
+def test_nproc_is_checked_before_a_run_exists():
+    with pytest.raises(ExpungeError, match="--nproc"):
+        PrivateTraining(noise_multiplier=1.0, nproc=0)
+    with pytest.raises(ExpungeError, match="--nproc"):
+        PrivateTraining(noise_multiplier=1.0, nproc=2, transform="disk")

@@ -41,6 +41,9 @@ from torch import nn
 
 from ..errors import ExpungeError
 
+# torch 2.13 renamed reduce_scatter_tensor (same arguments); older versions have only the first name
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _kind(model: nn.Module) -> str | None:
     from torch.distributed.fsdp import FSDPModule
@@ -143,7 +146,7 @@ class DataParallel:
         ones = torch.ones(self.world, device=self.device)
         if self.kind == "fsdp":
             out = torch.empty(1, device=self.device)
-            dist.reduce_scatter_tensor(out, ones, group=self.group)
+            _reduce_scatter(out, ones, group=self.group)
         else:
             out = ones[:1].clone()
             dist.all_reduce(out, group=self.group)
@@ -189,7 +192,7 @@ class DataParallel:
                 padded = s if chunk * self.world == s.shape[0] else torch.cat(
                     [s, s.new_zeros(chunk * self.world - s.shape[0], *s.shape[1:])])
                 out = s.new_empty(chunk, *s.shape[1:])
-                work = dist.reduce_scatter_tensor(out, padded, group=self.group, async_op=True)
+                work = _reduce_scatter(out, padded, group=self.group, async_op=True)
                 rows = p.to_local().shape[0]
                 self._pending[id(p)] = (work, out[:rows])
             else:
