@@ -150,15 +150,16 @@ def worker(rank, world, folder):
             out[name] = {"params": params(model), "rows": rows, "epsilon": engine.epsilon(), "started": started,
                          "groups": len(engine.groups)}
             engine.detach()
-        for wrapper in ("ddp", "fsdp"):  # injected noise: one step with and one without, on the same rows
-            got = {}
-            for noise in (0.0, 2.0):
-                model = wrap(build("wide"), wrapper)
-                engine = private("mlp", model, noise, "layer-wise", physical=BATCH, seed=11)
-                train("mlp", engine, model, 1)
-                got[noise] = grads(model)
-                engine.detach()
-            out[f"{wrapper} noise"] = {n: got[2.0][n] - got[0.0][n] for n in got[0.0]}
+        for wrapper, secure in (("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True)):
+            # a step with no rows on any rank: its gradient is the noise alone, over q n
+            model = wrap(build("wide"), wrapper)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+            engine = make_private(model, optimizer, data("mlp"), batch_size=BATCH, noise_multiplier=2.0,
+                                  max_grad_norm=C, seed=11, secure_rng=secure)
+            engine.optimizer.zero_grad()
+            engine.optimizer.step()
+            out[f"{wrapper}{' secure' if secure else ''} noise"] = grads(model)
+            engine.detach()
         for wrapper in ("ddp", "fsdp"):
             out[f"{wrapper} resume"] = resume(wrapper, Path(folder) / wrapper)
         torch.save(out, Path(folder) / f"rank{rank}.pt")
@@ -252,7 +253,7 @@ def test_reductions_start_inside_the_backward_pass(ranks, name):
 
 def test_replicas_are_bit_identical(ranks):
     world, results = ranks
-    for name in [*SCENARIOS, "ddp noise"]:
+    for name in [*SCENARIOS, "ddp noise", "ddp secure noise"]:
         first = results[0][name]["params"] if name in SCENARIOS else results[0][name]
         for r in range(1, world):
             other = results[r][name]["params"] if name in SCENARIOS else results[r][name]
@@ -260,9 +261,10 @@ def test_replicas_are_bit_identical(ranks):
                 assert torch.equal(first[n], other[n]), (name, r, n)
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "ddp secure", "fsdp secure"])
 def test_injected_noise_has_std_sigma_c_once(ranks, wrapper):
-    """(noisy - noise-free gradient) * q n over ~4,000 coordinates: std sigma * C, not sqrt(W) off."""
+    """A step without rows, times q n, over ~4,000 coordinates: std sigma * C, not sqrt(W) off (secure_rng:
+    rank 0 draws for DDP, each shard its own for FSDP2)."""
     _, results = ranks
     noise = torch.cat([v.flatten() for v in results[0][f"{wrapper} noise"].values()]) * BATCH
     std = noise.std().item()
