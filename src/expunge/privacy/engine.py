@@ -546,6 +546,11 @@ class PrivacyEngine:
 
         if loss_fn is not None and batch_loss is not None:
             raise ExpungeError("give pretrain_public loss_fn or batch_loss, not both")
+        if batch_loss is None and hasattr(self.model, "main_input_name"):  # a Hugging Face model: keyword inputs
+            raise ExpungeError(
+                f"pretrain_public: {type(self.model).__name__} takes keyword inputs and returns an output object; "
+                "give batch_loss(model, batch) that computes the batch's loss (for a causal LM: "
+                "causal_lm_loss(model(input_ids=..., attention_mask=...).logits, labels))")
         loss_fn = loss_fn or F.cross_entropy
         n = data_length(public_data)
         check_batch_size(batch_size, n)
@@ -561,7 +566,12 @@ class PrivacyEngine:
                         loss = batch_loss(self.model, batch)
                     else:
                         *inputs, target = batch
-                        loss = loss_fn(self.model(*inputs), target)
+                        output = self.model(*inputs)
+                        if not isinstance(output, torch.Tensor):
+                            raise ExpungeError(
+                                f"pretrain_public: the model returned a {type(output).__name__}, not a tensor; "
+                                "give batch_loss(model, batch) that computes the batch's loss")
+                        loss = loss_fn(output, target)
                     loss.backward()
                 self.optimizer.base.step()
                 steps += 1
