@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import ExpungeError
-from . import accounting
-from .accounting import Phase
+from .accounting import ACCOUNTANTS, Phase, calibrate_noise, check_delta
+from .accounting import epsilon as compose_epsilon
 from .persample import LayerHandler, build_handlers
 
 CLIP_FNS = ("abadi", "automatic", "global")
@@ -471,7 +471,7 @@ class PrivacyEngine:
         delta = delta if delta is not None else self.target_delta
         if delta is None:
             raise ExpungeError("no delta: pass engine.epsilon(delta) (make_private was given no target_delta)")
-        return accounting.epsilon(self.history(), delta, accountant or self.default_accountant)
+        return compose_epsilon(self.history(), delta, accountant or self.default_accountant)
 
     def start_phase(self, *, batch_size: int | None = None, noise_multiplier: float | None = None,
                     target_epsilon: float | None = None, steps: int | None = None, epochs: float | None = None,
@@ -492,7 +492,7 @@ class PrivacyEngine:
         sigma, planned = self.noise_multiplier, self.planned_steps
         if target_epsilon is not None:
             planned = steps if steps is not None else _steps_for(epochs, sample_rate)
-            sigma = accounting.calibrate_noise(sample_rate, planned, target_epsilon, self.target_delta,
+            sigma = calibrate_noise(sample_rate, planned, target_epsilon, self.target_delta,
                                                self.default_accountant, closed)
         elif noise_multiplier is not None:
             sigma = float(noise_multiplier)
@@ -601,10 +601,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
         raise ExpungeError(f"unknown clip_fn {clip_fn!r}; use one of {', '.join(CLIP_FNS)}")
     if loss_reduction not in ("mean", "sum"):
         raise ExpungeError(f"loss_reduction must be 'mean' or 'sum' (how the loss combines rows), got {loss_reduction!r}")
-    if accountant not in accounting.ACCOUNTANTS:
-        raise ExpungeError(f"unknown accountant {accountant!r}; use one of {', '.join(accounting.ACCOUNTANTS)}")
+    if accountant not in ACCOUNTANTS:
+        raise ExpungeError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
     if target_delta is not None:
-        accounting.check_delta(target_delta, n)
+        check_delta(target_delta, n)
     model_params = {id(p) for p in model.parameters()}
     foreign = [i for i, g in enumerate(optimizer.param_groups) for p in g["params"] if id(p) not in model_params]
     if foreign:
@@ -624,7 +624,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
         planned = steps if steps is not None else _steps_for(epochs, sample_rate)
         if planned < 1:
             raise ExpungeError(f"steps must be at least 1, got {planned}")
-        noise_multiplier = accounting.calibrate_noise(sample_rate, planned, target_epsilon, target_delta,
+        noise_multiplier = calibrate_noise(sample_rate, planned, target_epsilon, target_delta,
                                                       accountant, prior)
     elif noise_multiplier is None:
         raise ExpungeError("give target_epsilon (with target_delta and epochs or steps) or a noise_multiplier")

@@ -22,7 +22,7 @@ from ..errors import ExpungeError
 from ..progress import track
 from ..train import Workspace, sgd_step
 from ..trajectory import Trajectory
-from .base import FitMixin
+from .fitted import FitMixin
 
 
 class LBFGSHessian:

@@ -18,28 +18,18 @@ from ..recipe import BatchPlan, TrainRecipe
 from ..train import Workspace, train
 from ..trajectory import Trajectory
 from .base import UpdateReport, Updater
+from .registry import OWN_RUN, find, make_updater
 from .run import RunModel
 
 WEIGHTS, TRAJECTORY = "weights.safetensors", "trajectory"
 
 
-def make_updater(method: "str | Updater", **config) -> Updater:
-    """An updater from its name (``deltagrad``, ``retrain``, ``certified``) and settings, or the one given."""
-    if not isinstance(method, str):
-        return method
-    from .certified import CertifiedRemoval
-    from .deltagrad import DeltaGrad
-    from .retrain import Retrain
-    from .baselines import FineTune, GradientAscent
-    from .fisher import Fisher
-    from .private import PrivateTraining
-    from .sisa import SISA
+class FitMixin:
+    """``Updater.fit(data, recipe) -> Fitted``: train once, recording what this method needs."""
 
-    methods = {"deltagrad": DeltaGrad, "retrain": Retrain, "certified": CertifiedRemoval, "sisa": SISA,
-               "fisher": Fisher, "finetune": FineTune, "ascent": GradientAscent, "dp": PrivateTraining}
-    if method not in methods:
-        raise ExpungeError(f"unknown method {method!r}; choose one of {', '.join(methods)}")
-    return methods[method](**config)
+    def fit(self, data: IndexedDataset, recipe: TrainRecipe, out=None, test=None, source=None,
+            progress: bool = False) -> "Fitted":
+        return Fitted.train(data, recipe, updater=self, out=out, test=test, source=source, progress=progress)
 
 
 class Fitted(RunModel):
@@ -84,7 +74,7 @@ class Fitted(RunModel):
         when the run is reopened.
         """
         updater = make_updater(updater)
-        if updater.name in ("certified", "sisa", "dp"):
+        if getattr(find(updater.name), "updates", None) == OWN_RUN:
             raise ExpungeError(f"{updater.name} trains its own way: use its updater's fit(data, ...)")
         if recipe.optimizer != "SGD":
             raise ExpungeError(f"DeltaGrad and exact retraining replay plain SGD, not {recipe.optimizer}; "
@@ -145,7 +135,7 @@ class Fitted(RunModel):
                     trajectory = None
                 metrics = self._metrics(w, new_active)
                 metrics["dist_to_previous"] = float((w - self.w).norm())
-                if compare and updater.name not in ("retrain", "dp"):  # these are the reference
+                if compare and not getattr(find(updater.name), "reference", False):  # else it is the reference
                     start = time.perf_counter()
                     w_ref = self._reference(ws, new_active, progress)
                     metrics.update(retrain_s=time.perf_counter() - start, dist_to_retrain=float((w - w_ref).norm()),

@@ -24,6 +24,7 @@ from ..data import IndexedDataset, load_dataset, preprocess
 from ..errors import ExpungeError
 from ..ledger import Ledger
 from .base import UpdateReport
+from .registry import run_class
 
 ROWS, BASE = "rows.npz", "base.npz"
 
@@ -131,7 +132,7 @@ class RunModel:
             added = IndexedDataset(rows["X"], rows["y"], rows["ids"], base.name)
             active = rows["active"]
         universe = base.concat(added) if len(added) else base
-        model_class = _model_class(manifest["method"]["name"])
+        model_class = run_class(manifest["method"]["name"])
         return model_class._open(run, manifest, folder, universe, active, source_test if test is None else test)
 
     @classmethod
@@ -281,20 +282,3 @@ class RunModel:
         Ledger(self.path / "ledger.sqlite").append(manifest["version"], report.to_dict())
         return folder
 
-
-def _model_class(method: str) -> type[RunModel]:
-    if method == "certified":
-        from .certified import CertifiedFitted
-
-        return CertifiedFitted
-    if method == "sisa":
-        from .sisa import SISAFitted
-
-        return SISAFitted
-    if method == "dp":
-        from .private import PrivateFitted
-
-        return PrivateFitted
-    from .fitted import Fitted
-
-    return Fitted

@@ -1,0 +1,15 @@
+"""`expunge` commands, by group. Thin: parse, call the Python API, print with rich, write JSON.
+
+    app.py         the application object, consoles, the error frame, shared options
+    updates.py     training and updates: train, forget, add
+    inspection.py  inspection and audit: info, evaluate, ledger
+    benchmarks.py  benchmarks: bench
+    demo.py        the README's demo
+"""
+
+from .app import app
+from . import updates, inspection, benchmarks, demo  # noqa: E402,F401  (registration order is the order of --help)
+
+
+def main():  # pragma: no cover - console script entry
+    app()
