@@ -6,9 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from expunge.data import IndexedDataset, load_dataset, load_ids, load_rows
-from expunge.tables import ReadOptions
+from expunge.data import IndexedDataset, load_dataset, load_ids, load_rows, make_synthetic
 from expunge.errors import ExpungeError
+from expunge.tables import ReadOptions
 
 
 def small(n=6, d=3, ids=None, name="small"):
@@ -430,3 +430,22 @@ def test_unsupported_extension_raises(tmp_path):
     path.write_bytes(b"PAR1")
     with pytest.raises(ExpungeError, match="expected .npz, a delimited text table"):
         load_dataset(str(path))
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_and_learnable():
+    train, test = load_dataset("synthetic")
+    assert len(train) == 20_000 and len(test) == 5_000 and train.n_features == 200 and train.n_classes == 10
+    assert not set(train.ids) & set(test.ids)
+    again, _ = load_dataset("synthetic")
+    assert again.fingerprint() == train.fingerprint()
+    counts = np.bincount(train.y, minlength=10)
+    assert counts.min() > 0.02 * len(train)  # every class occurs
+
+
+def test_make_synthetic_sizes():
+    train, test = make_synthetic(n_train=30, n_test=10, n_features=4, n_classes=3, seed=1)
+    assert train.X.shape == (30, 4) and test.X.shape == (10, 4) and set(train.y) <= {0, 1, 2}
+    np.testing.assert_array_equal(test.ids, np.arange(30, 40))

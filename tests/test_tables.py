@@ -256,7 +256,7 @@ def test_the_test_table_is_encoded_with_the_training_encoders(tmp_path):
     test_path = write(tmp_path, "t.test", "|comment\n40, Private, 1000, Masters, >50K.\n41, ?, 2000, 9th, <=50K.\n")
     options = ReadOptions(encode_categories=True, encode_labels=True, missing="impute", comment="|",
                           strip_label_suffix=".", test=str(test_path))
-    train, test = load_dataset(str(path), options)
+    _, test = load_dataset(str(path), options)
     np.testing.assert_array_equal(test.y, [1, 0])
     np.testing.assert_allclose(test.X, [[40, 1, 0, 0, 1000, 0, 0, 0, 0, 1], [41, 1, 0, 0, 2000, 0, 1, 0, 0, 0]])
     with pytest.raises(ExpungeError, match="'>50K.' on line 2, not one of the training labels.*--strip-label-suffix"):

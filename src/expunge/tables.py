@@ -99,7 +99,8 @@ def read_table(path, options: ReadOptions | None = None, spec: dict | None = Non
     options = options or ReadOptions()
     if fit:
         spec = {"format": "table", "comment": options.comment, "missing": options.missing,
-                "strip_label_suffix": options.strip_label_suffix, "test": options.test}
+                "strip_label_suffix": options.strip_label_suffix,
+                "test": str(Path(options.test).expanduser().resolve()) if options.test else None}
     notes: list[str] = []
     lines = _lines(path, spec["comment"])
     if fit:
@@ -324,13 +325,18 @@ def _encode(path: Path, cells: np.ndarray, linenos: np.ndarray, spec: dict, opti
                              "ids must be integers", linenos)
     elif row_ids:
         ids = row_numbers  # the rows' numbers in the file, dropped rows counted: ids do not shift
-    features = [j for j in range(cells.shape[1]) if j not in (label_col, id_col)]
     if fit:
-        spec["features"] = [_fit_feature(path, cells[:, j], missing[:, j], j, names, linenos, spec, options)
-                            for j in features]
+        spec["features"] = [{"column": j} for j in range(cells.shape[1]) if j not in (label_col, id_col)]
+    blocks = []
+    for feature in spec["features"]:
+        j = feature["column"]
+        parsed = _numbers(cells[:, j])  # once per column: fitting and applying share it
+        if fit:
+            _fit_feature(path, cells[:, j], missing[:, j], parsed, feature, names, linenos, spec, options)
+        blocks.append(_apply_feature(path, cells[:, j], missing[:, j], parsed, feature, names, linenos))
+    if fit:
         _note_encoding(spec, notes, missing)
-    X = np.concatenate([_apply_feature(path, cells[:, f["column"]], missing[:, f["column"]], f, names, linenos)
-                        for f in spec["features"]], axis=1)
+    X = np.concatenate(blocks, axis=1)
     if not fit and spec["missing"] == "impute" and missing.any():
         notes.append(f"{path.name}: imputed {int(missing.sum())} missing cell(s) with the training table's values")
     if fit:
@@ -341,7 +347,7 @@ def _encode(path: Path, cells: np.ndarray, linenos: np.ndarray, spec: dict, opti
 def _labels(path, cells, linenos, spec, options, fit: bool, notes) -> np.ndarray:
     suffix = spec["strip_label_suffix"]
     if suffix:
-        cells = np.array([c[: -len(suffix)] if c.endswith(suffix) else c for c in cells], dtype=str)
+        cells = np.array([c.removesuffix(suffix) for c in cells], dtype=str)
     what = f"{path}: the labels ({_describe(spec['label_column'], spec['columns'])}"
     what += ", the last column by default)" if fit and options.label_column is None else ")"
     if fit and options.encode_labels:
@@ -436,32 +442,36 @@ def apply_classes(values, classes: list, what: str, linenos=None) -> np.ndarray:
     return OrdinalEncoder(categories=[categories]).fit_transform(column)[:, 0].astype(np.int64)
 
 
-def _fit_feature(path, cells, missing, j: int, names, linenos, spec: dict, options: ReadOptions) -> dict:
-    """A feature column's kind (numeric or categorical) and its fitted fill value and categories."""
-    from sklearn.impute import SimpleImputer
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
+def _fit_feature(path, cells, missing, parsed, feature: dict, names, linenos, spec: dict, options: ReadOptions):
+    """Fill in a feature column's kind (numeric or categorical), its fill value, scaling and categories."""
+    j = feature["column"]
     if missing.all():
         raise ExpungeError(f"{path}: {_describe(j, names)} holds no values at all; drop the column")
     present = cells[~missing]
-    numbers, ok = _numbers(present)
-    feature = {"column": j}
+    numbers, ok = parsed[0][~missing], parsed[1][~missing]
     impute = spec["missing"] == "impute"  # a fill value for every column: the test file and new rows may need one
     if ok.all():
         feature["kind"] = "numeric"
         if impute:
+            from sklearn.impute import SimpleImputer
+
             feature["fill"] = float(SimpleImputer(strategy="median").fit(numbers.reshape(-1, 1)).statistics_[0])
         if options.standardize:
+            from sklearn.preprocessing import StandardScaler
+
             column = np.full(len(cells), feature.get("fill", np.nan))
             column[~missing] = numbers
             scaler = StandardScaler().fit(column.reshape(-1, 1))
             feature["mean"], feature["scale"] = float(scaler.mean_[0]), float(scaler.scale_[0])
-        return feature
+        return
     if not options.encode_categories:
         i = int(np.flatnonzero(~ok)[0])
         raise ExpungeError(f"{path}: {_describe(j, names)} holds text, not a number: {str(present[i])!r} on line "
                            f"{linenos[~missing][i]}; fix the cell, or one-hot encode text columns with "
                            "--encode-categories")
+    from sklearn.impute import SimpleImputer
+    from sklearn.preprocessing import OneHotEncoder
+
     feature["kind"] = "categorical"
     column = cells.astype(object).reshape(-1, 1)
     if impute:
@@ -469,15 +479,12 @@ def _fit_feature(path, cells, missing, j: int, names, linenos, spec: dict, optio
         feature["fill"] = str(SimpleImputer(missing_values="", strategy="most_frequent").fit(column).statistics_[0])
         column[missing, 0] = feature["fill"]
     feature["categories"] = [str(c) for c in OneHotEncoder().fit(column).categories_[0]]
-    return feature
 
 
-def _apply_feature(path, cells, missing, feature: dict, names, linenos) -> np.ndarray:
-    from sklearn.preprocessing import OneHotEncoder
-
+def _apply_feature(path, cells, missing, parsed, feature: dict, names, linenos) -> np.ndarray:
     j = feature["column"]  # missing cells reach here only under --missing impute, which fitted every fill value
     if feature["kind"] == "numeric":
-        numbers, ok = _numbers(cells)
+        numbers, ok = parsed[0].copy(), parsed[1].copy()
         if missing.any():
             numbers[missing], ok[missing] = feature["fill"], True
         if not ok.all():
@@ -487,6 +494,8 @@ def _apply_feature(path, cells, missing, feature: dict, names, linenos) -> np.nd
         if "scale" in feature:  # StandardScaler's transform, with the mean and scale fitted on the training table
             numbers = (numbers - feature["mean"]) / feature["scale"]
         return numbers.reshape(-1, 1)
+    from sklearn.preprocessing import OneHotEncoder
+
     column = cells.astype(object).reshape(-1, 1)
     column[missing, 0] = feature.get("fill")
     unknown = ~np.isin(column[:, 0], feature["categories"])

@@ -21,9 +21,9 @@ import numpy as np
 
 from ..artifact import RunDirectory, file_sha256, fsync_path
 from ..data import IndexedDataset, load_dataset, preprocess
-from ..tables import integer_values
 from ..errors import ExpungeError
 from ..ledger import Ledger
+from ..tables import integer_values
 from .base import UpdateReport
 from .registry import run_class
 
