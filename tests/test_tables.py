@@ -173,6 +173,11 @@ def test_a_label_column_name_needs_a_header(tmp_path):
         load_dataset(str(write(tmp_path, "t.csv", "1,0.5\n0,2.5\n")), ReadOptions(label_column="label"))
 
 
+def test_a_table_of_ids_and_labels_only_is_refused(tmp_path):
+    with pytest.raises(ExpungeError, match="no feature columns"):
+        load_dataset(str(write(tmp_path, "t.csv", "id,label\n1,0\n2,1\n")))
+
+
 def test_column_choice_reads_digits_as_an_index():
     assert column_choice("0") == 0 and column_choice("-1") == -1 and column_choice("income") == "income"
     assert column_choice(None) is None

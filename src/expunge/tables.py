@@ -130,9 +130,13 @@ def read_table(path, options: ReadOptions | None = None, spec: dict | None = Non
         if cells.shape[1] < 2:
             raise ExpungeError(f"{path}: need at least one feature column and a label column")
         spec["label_column"], spec["id_column"] = _resolve_columns(options, names, cells.shape[1], path, notes)
-    if fit:
+        spec["features"] = [{"column": j} for j in range(cells.shape[1])
+                            if j not in (spec["label_column"], spec["id_column"])]
+        if not spec["features"]:
+            raise ExpungeError(f"{path}: no feature columns are left besides the label and the id column")
         spec["classes"] = classes
     return _encode(path, cells, linenos, spec, options, fit, notes, row_ids)
+
 
 
 def _lines(path: Path, comment: str | None) -> list[tuple[int, str]]:
@@ -325,8 +329,6 @@ def _encode(path: Path, cells: np.ndarray, linenos: np.ndarray, spec: dict, opti
                              "ids must be integers", linenos)
     elif row_ids:
         ids = row_numbers  # the rows' numbers in the file, dropped rows counted: ids do not shift
-    if fit:
-        spec["features"] = [{"column": j} for j in range(cells.shape[1]) if j not in (label_col, id_col)]
     blocks = []
     for feature in spec["features"]:
         j = feature["column"]
