@@ -115,6 +115,8 @@ def test_deleting_twice_is_refused(run):
     (np.zeros((2, 5)), [0, 1], [1000, 5000], "already in"),        # id already present
     (np.zeros((2, 5)), [0, 1], [4000, 4000], "unique"),            # duplicate ids
     (np.full((1, 5), np.nan), [0], None, "NaN"),                   # not finite
+    (np.zeros((2, 5)), [0, 1.5], None, "non-integer"),             # a float label, never truncated
+    (np.zeros((2, 5)), [0, 1], [4000.5, 4001], "non-integer"),     # a float id, never truncated
 ])
 def test_bad_additions_change_nothing(run, X, y, ids, message):
     before = snapshot(run.path)

@@ -34,6 +34,36 @@ def _updater(method: str, T0: int, j0: int, m: int):
     return make_updater(method, T0=T0, j0=j0, m=m) if method == "deltagrad" else make_updater(method)
 
 
+# reading text tables: `train` takes them all, `add` the format ones (for runs not trained on a table)
+DELIMITER_OPTION = typer.Option(None, help="Text tables: the field delimiter: comma, tab, semicolon (or the character). "
+                                "Default: the one of the three that splits every line alike (reported).")
+HEADER_OPTION = typer.Option(None, "--header/--no-header", help="Text tables: whether the first row names the "
+                             "columns. Default: a header if it holds only text above a column of numbers (reported).")
+LABEL_COLUMN_OPTION = typer.Option(None, help="Text tables: the label column, a header name or a 0-based index "
+                                   "(negative counts from the end). Default: the last column.")
+ID_COLUMN_OPTION = typer.Option(None, help="Text tables: the column of row ids (integers), a name or a 0-based index. "
+                                "Default: a column the header names 'id' (any case), else row numbers from 0.")
+COMMENT_OPTION = typer.Option(None, help="Text tables: skip lines that start with this character (UCI Adult's "
+                              "adult.test starts with a '|' line).")
+_DELIMITER_WORDS = {"comma": ",", "tab": "\t", "\\t": "\t", "semicolon": ";"}
+
+
+def _read_options(delimiter=None, header=None, label_column=None, id_column=None, comment=None, **encoding):
+    from ..tables import ReadOptions, column_choice
+
+    if delimiter is not None:
+        delimiter = _DELIMITER_WORDS.get(delimiter.lower(), delimiter)
+    return ReadOptions(delimiter=delimiter, header=header, label_column=column_choice(label_column),
+                       id_column=column_choice(id_column), comment=comment, **encoding)
+
+
+def _print_notes(what: str, notes, quiet: bool) -> None:
+    """Say what was inferred or done while reading (the delimiter, the header, imputed cells...)."""
+    if not quiet:
+        for note in notes:
+            console.print(f"[dim]reading {what}:[/] {note}", highlight=False)
+
+
 # options shared by `forget` and `add`
 METHOD_OPTION = typer.Option(None, help=METHOD_HELP + " Default: the run's.")
 T0_OPTION = typer.Option(None, "--T0", help="DeltaGrad: period of explicit iterations (default: the run's, else 5).")
@@ -67,7 +97,9 @@ def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optio
 @friendly
 def train(
     data: str = typer.Option(..., help="Dataset: 'digits' (bundled with scikit-learn), an .npz (x_train/y_train or X/y), "
-                             "a .csv (label last, optional id column), or a folder of MNIST-format IDX files."),
+                             "a text table (.csv, .tsv, .txt, .data...: comma, tab or semicolon separated; label in "
+                             "the last column unless --label-column says otherwise), or a folder of MNIST-format IDX "
+                             "files."),
     out: Path = typer.Option(..., help="New run directory to create."),
     model: str = typer.Option("logreg", help="logreg (multinomial logistic regression) or mlp."),
     hidden: list[int] = typer.Option([64], help="MLP hidden layer width; repeat for more layers."),
@@ -116,6 +148,24 @@ def train(
     address: Optional[str] = typer.Option(None, help="SISA, ray backend: cluster address to join (default: start a local one)."),
     classes: Optional[str] = typer.Option(None, help="Keep only these labels, relabelled in order: --classes 3,8."),
     l2_normalize: bool = typer.Option(False, help="Scale every row to unit L2 norm (certified removal assumes ||x|| <= 1)."),
+    delimiter: Optional[str] = DELIMITER_OPTION,
+    header: Optional[bool] = HEADER_OPTION,
+    label_column: Optional[str] = LABEL_COLUMN_OPTION,
+    id_column: Optional[str] = ID_COLUMN_OPTION,
+    comment: Optional[str] = COMMENT_OPTION,
+    encode_labels: bool = typer.Option(False, help="Map the labels (text, or numbers that are not 0..K-1) to 0..K-1 in "
+                                       "sorted order; the map is recorded in the run. Without it labels must be "
+                                       "integers 0..K-1."),
+    encode_categories: bool = typer.Option(False, help="Text tables: one-hot encode text columns (scikit-learn's "
+                                           "OneHotEncoder; the categories are recorded). Without it text is refused."),
+    standardize: bool = typer.Option(False, help="Text tables: scale numeric columns to mean 0 and variance 1 "
+                                     "(scikit-learn's StandardScaler, fitted on --data; recorded)."),
+    missing: str = typer.Option("refuse", help="Text tables: missing cells ('' or '?'): refuse, impute (median of a "
+                                "numeric column, most frequent value of a text column) or drop (their rows)."),
+    strip_label_suffix: Optional[str] = typer.Option(None, help="Text tables: remove this suffix from labels that end "
+                                                     "with it (UCI Adult's adult.test writes '>50K.')."),
+    test_data: Optional[Path] = typer.Option(None, help="Text tables: a held-out table read like --data (same columns "
+                                             "and encoders), to report test accuracy on."),
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
 ):
@@ -135,7 +185,12 @@ def train(
             spec = {"classes": [int(c) for c in classes.split(",")] if classes else None, "l2_normalize": l2_normalize}
         except ValueError:
             raise ExpungeError(f"--classes {classes!r} must be comma-separated labels, e.g. 3,8") from None
-    train_set, test_set = load_dataset(data)
+    options = _read_options(delimiter, header, label_column, id_column, comment, encode_labels=encode_labels,
+                            encode_categories=encode_categories, standardize=standardize, missing=missing,
+                            strip_label_suffix=strip_label_suffix,
+                            test=str(test_data.resolve()) if test_data is not None else None)
+    train_set, test_set = load_dataset(data, options)
+    _print_notes(Path(data).name, (train_set.read_spec or {}).get("notes", []), quiet)
     if spec:
         train_set = preprocess(train_set, **spec)
         test_set = preprocess(test_set, **spec) if test_set is not None else None
@@ -179,10 +234,16 @@ def train(
 
 
 def _load(run: Path, data: Optional[str]):
+    from ..artifact import RunDirectory
     from ..data import load_dataset
     from ..unlearn import RunModel
 
-    return RunModel.load(run, *load_dataset(data)) if data else RunModel.load(run)
+    if not data:
+        return RunModel.load(run)
+    read = RunDirectory(run).read_manifest()["data"].get("read")
+    if read and read.get("test"):
+        read = {**read, "test": None}  # the training table moved; its held-out table is left out
+    return RunModel.load(run, *load_dataset(data, read_spec=read))
 
 
 @app.command()
@@ -234,7 +295,14 @@ def forget(
 @friendly
 def add(
     run: Path = RUN_ARGUMENT,
-    rows: Path = typer.Option(..., help="Rows to add: .csv (label last, optional id column) or .npz with X, y (and ids)."),
+    rows: Path = typer.Option(..., help="Rows to add: a text table read as the run's training table was (its "
+                              "delimiter, columns and encoders; for other runs: label last, optional id column), or "
+                              ".npz with X, y (and ids). Rows without ids get fresh ones."),
+    delimiter: Optional[str] = DELIMITER_OPTION,
+    header: Optional[bool] = HEADER_OPTION,
+    label_column: Optional[str] = LABEL_COLUMN_OPTION,
+    id_column: Optional[str] = ID_COLUMN_OPTION,
+    comment: Optional[str] = COMMENT_OPTION,
     method: Optional[str] = METHOD_OPTION,
     T0: Optional[int] = T0_OPTION,
     j0: Optional[int] = J0_OPTION,
@@ -248,9 +316,11 @@ def add(
     SISA runs retrain the last slice of the shards the rows join)."""
     from ..data import load_rows
 
-    X, y, ids = load_rows(rows)
+    options = _read_options(delimiter, header, label_column, id_column, comment)
     fitted = _load(run, data)
+    new = load_rows(rows, fitted.manifest["data"].get("read"), options)  # encoded as the training data was
+    _print_notes(rows.name, new.notes, quiet)
     updater = _request_updater(fitted, method, T0, j0, m)
-    report = fitted.add(X, y, ids, method=updater, compare=compare, progress=not quiet)
+    report = fitted.add(new.X, new.y, new.ids, method=updater, compare=compare, progress=not quiet)
     print_report(report, quiet)
     write_json(json_out, report.to_dict())

@@ -23,6 +23,7 @@ from ..artifact import RunDirectory, file_sha256, fsync_path
 from ..data import IndexedDataset, load_dataset, preprocess
 from ..errors import ExpungeError
 from ..ledger import Ledger
+from ..tables import integer_values
 from .base import UpdateReport
 from .registry import run_class
 
@@ -78,7 +79,8 @@ class RunModel:
         n_classes = max(data.n_classes, test.n_classes if test is not None else 0)
         manifest = {
             "data": {"name": data.name, "source": source, "fingerprint": data.fingerprint(), "n_base": len(data),
-                     "n_features": data.n_features, "n_classes": n_classes, "preprocess": preprocess_spec},
+                     "n_features": data.n_features, "n_classes": n_classes, "preprocess": preprocess_spec,
+                     "read": data.read_spec},
             "method": method,
             "version": 0,
         }
@@ -143,7 +145,7 @@ class RunModel:
     def _base_data(run: RunDirectory, manifest: dict, data: IndexedDataset | None, preprocessed: bool = False):
         info, test = manifest["data"], None
         if data is None and info.get("source"):
-            data, test = load_dataset(info["source"])
+            data, test = load_dataset(info["source"], read_spec=info.get("read"))  # read as at training
         if data is not None and info.get("preprocess") and not preprocessed:  # the same selection and scaling as at training
             data = preprocess(data, **info["preprocess"])
             test = preprocess(test, **info["preprocess"]) if test is not None else None
@@ -217,9 +219,9 @@ class RunModel:
             X, y, ids = X.X, X.y, X.ids
         try:
             X = np.asarray(X, dtype=np.float32)
-            y = np.asarray(y, dtype=np.int64).reshape(-1)
         except (ValueError, TypeError) as e:
-            raise ExpungeError(f"new rows must have numeric features and integer labels ({e})") from e
+            raise ExpungeError(f"new rows must have numeric features ({e})") from e
+        y = integer_values(np.ravel(y), "the new rows' labels", "labels must be integers 0..K-1")  # never truncated
         X = X.reshape(len(X), -1) if X.ndim != 2 else X
         if len(X) == 0:
             raise ExpungeError("no rows given to add")
@@ -232,7 +234,7 @@ class RunModel:
             raise ExpungeError(f"labels must lie in 0..{self.n_classes - 1} (the model's classes); got {sorted(set(y.tolist()))[:5]}")
         if ids is None:
             ids = self.universe.ids.max() + 1 + np.arange(len(X))
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = integer_values(np.ravel(ids), "the new rows' ids", "ids must be integers")
         new = IndexedDataset(X, y, ids, "new rows")  # checks unique ids, finite values
         known = np.isin(ids, self.universe.ids)
         universe, new_active = self.universe, self.active.copy()
