@@ -162,9 +162,9 @@ def simulate(method: str, rate: float, steps: int, dims: int = 2000, seed: int =
 
 
 def run(limit: int | None = None, progress: bool = True) -> list[dict]:
-    from ..progress import track
-
     import scipy.signal
+
+    from ..progress import track
 
     rows = []
     w = np.geomspace(1e-4, math.pi, 4000)
@@ -213,7 +213,9 @@ def table(rows: list[dict]):
         for rate in shown:
             q = next(r for r in rows if r["kind"] == "quadratic" and r["method"] == method and r["rate"] == rate)
             cells.append(f"{q['stationary_error']:.4g}")
-        fmt = lambda key, spec: format(f[key], spec) if key in f else "-"  # noqa: E731
+        def fmt(key, spec, f=f):
+            return format(f[key], spec) if key in f else "-"
+
         peak = f"{f['peak_gain']:.2f} at {f['peak_frequency']:.3f}" if "peak_gain" in f else "-"
         t.add_row(method, fmt("stable_rate", ".4g"), fmt("dc_group_delay", ".1f"), peak,
                   fmt("noise_power_gain", ".3f"), *cells)

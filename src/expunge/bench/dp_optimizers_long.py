@@ -58,15 +58,15 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from . import dp_mnist, dp_optimizers, report
 from ..errors import ExpungeError
+from . import dp_mnist, dp_optimizers, report
 
 EPSILONS = (1.0, 3.0, 8.0)
 SEEDS_AT = {1.0: (0, 1, 2)}  # other epsilons: seed 0 only
@@ -104,7 +104,7 @@ def transforms_for(name: str) -> list:
 
     kind = METHODS[name].transform
     return {"disk": lambda: [DiSK(KAPPA, (1 - KAPPA) / KAPPA)], "doppler": lambda: [DOPPLER()],
-            "dicesgd": lambda: [DiceSGD()], "": lambda: []}[kind]()
+            "dicesgd": lambda: [DiceSGD()], "": list}[kind]()
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def run(data_dir, limit: int | None = None, progress: bool = True, console=None,
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_load, initargs=(found, limit)) as pool:
         for name, task in found.items():
-            def evaluate(pairs, name=name):
+            def evaluate(pairs, name=name, task=task):
                 jobs = [{"dataset": name, "method": m, "lr": lr, "epsilon": TUNE_EPSILON, "seed": 0,
                          "validation": validation, "epochs_run": tune_epochs, **smoke} for m, lr in pairs]
                 done = list(track(pool.map(train_one, jobs), len(jobs), f"{name}: tuning learning rates", progress))
