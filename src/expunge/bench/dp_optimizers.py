@@ -274,6 +274,8 @@ def plot(rows: list[dict], path: Path, methods=METHODS, title: str = "") -> None
         if base:
             ax.set_ylim(floor, max(100 * s["mean"] for s in stats if s["dataset"] == dataset) + 1.5)
         ax.set_xscale("log", base=2)
+        ticks = sorted({s["epsilon"] for s in stats if s["dataset"] == dataset})
+        ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
         ax.set_xlabel("epsilon (delta 1e-5)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{dataset}{title}")

@@ -209,8 +209,8 @@ def run(data_dir, limit: int | None = None, progress: bool = True, console=None,
             grids = {m: METHODS[m].grid[1:3] if limit else METHODS[m].grid for m in methods}
             best, tried = dp_optimizers.tune(evaluate, grids, score=_score, extensions=1 if limit else None)
             if console is not None:
-                console.print(f"{name}: learning rates (best validation {task.metric}, epsilon {TUNE_EPSILON:g}, "
-                              f"{tune_epochs} epochs): " + ", ".join(f"{m} {lr:g}" for m, lr in best.items()),
+                console.print(f"{name}: learning rates (best {task.metric} on the validation rows, epsilon "
+                              f"{TUNE_EPSILON:g}, {tune_epochs} epochs): " + ", ".join(f"{m} {lr:g}" for m, lr in best.items()),
                               highlight=False)
             jobs = [{"dataset": name, "method": m, "lr": best[m], "epsilon": eps, "seed": seed, **smoke}
                     for eps in epsilons for seed in (seeds_at.get(eps, (0,)) if not limit else (0,)) for m in methods]
