@@ -38,7 +38,8 @@ def demo(
     print_report(fitted.add(train_set.take(train_set.rows_of(ids)), compare=True), quiet=False)
     console.rule("ledger")
     for e in fitted.ledger.entries():
-        console.print(f"v{e['version']} {e['kind']:7s} {e['method']:9s} {e['n_rows']:3d} rows  model {e['model_hash']}")
+        console.print(f"v{e['version']} {e['kind']:7s} {e['method']:9s} {e['n_rows']:3d} rows  model "
+                      f"{e['model_hash_after'][:16]}  row hash {e['entry_hash'][:16]}")
     console.print("\nOn 1,437 rows an iteration takes well under a millisecond, so fixed per-iteration costs dominate "
                   "and DeltaGrad is no faster than retraining here; its speed shows at scale "
                   "(`expunge bench deltagrad --data ../shared/data`: MNIST, 60,000 rows).")

@@ -39,6 +39,7 @@ class UpdateReport:
     guarantee: dict
     metrics: dict = field(default_factory=dict)
     version: int | None = None
+    notes: list[str] = field(default_factory=list)  # what the run repaired before this request
 
     def to_dict(self) -> dict:
         return asdict(self)
