@@ -162,3 +162,34 @@ def test_model_continuity_and_versions_are_checked(tmp_path):
                                 "model_hash_after": "m2"})
     text = whats(check_chain([first, second]))
     assert "versions must rise by one" in text and "model_hash_before is not the model the row before produced" in text
+
+
+def test_a_malformed_row_is_a_problem_not_a_crash(tmp_path):
+    manifest, ledger, _ = build(tmp_path)
+    tamper(ledger, "UPDATE entries SET body = '{\"seq\": \"two\"}' WHERE seq = 2;")
+    problems = whats(reconcile(manifest, ledger, "RUN", full=True).problems)
+    assert "ledger row two (version ?): it is malformed" in problems
+    manifest["last_entry"] = {"entry_hash": "x"}
+    assert "malformed" in whats(reconcile(manifest, ledger, "RUN").problems)
+
+
+def test_a_pinned_key_needs_the_last_row_signed_which_covers_an_unsigned_start(tmp_path):
+    signer = generate(tmp_path / "key")
+    unsigned = make_entry(None, run_id="r", version=1, state_sha256=None, request={},
+                          report={"kind": "train", "method": "deltagrad", "ids": [], "model_hash_after": "m1"})
+    signed = make_entry(unsigned, run_id="r", version=2, state_sha256=None, request={}, signer=signer,
+                        report={"kind": "forget", "method": "deltagrad", "ids": [1], "model_hash_before": "m1",
+                                "model_hash_after": "m2"})
+    assert check_chain([unsigned, signed], signer.verifier(), pinned=True) == []  # signing began at row 2
+    assert "it is not signed, but a key was given" in whats(check_chain([unsigned], signer.verifier(), pinned=True))
+
+
+def test_a_pending_row_is_checked_as_the_chains_next_link(tmp_path):
+    _, ledger, entries = build(tmp_path, appended=3)
+    forged = make_entry(entries[2], run_id="r", version=4, state_sha256=manifest_digest(state(4)), request={},
+                        report={"kind": "forget", "method": "deltagrad", "ids": [4], "model_hash_before": "mX",
+                                "model_hash_after": "m4"})
+    manifest = manifest_at(forged)
+    assert reconcile(manifest, ledger, "RUN").pending == forged  # the cheap check sees a crash's leftover
+    state_ = reconcile(manifest, ledger, "RUN", full=True)
+    assert "model_hash_before is not the model the row before produced" in whats(state_.problems)

@@ -53,62 +53,87 @@ def _prefix_equal(a: str | None, b: str | None) -> bool:
     return a[:n] == b[:n]
 
 
-def check_entry(entry: Entry, where: str, verifier=None, pinned: bool = False) -> list[Problem]:
-    """A row on its own: its hash, its ids digest, its signature (checked when ``verifier`` holds its key)."""
+# what every row's body must hold, and of which type, before anything else about it can be checked
+FIELDS = {"seq": int, "version": int, "prev_hash": str, "run_id": str, "model_hash_after": str, "report": dict}
+
+
+def well_formed(entry: Entry) -> bool:
+    body = entry.body
+    return isinstance(body, dict) and isinstance(entry.entry_hash, str) and all(
+        isinstance(body.get(k), t) and not isinstance(body.get(k), bool) for k, t in FIELDS.items())
+
+
+def check_entry(entry: Entry, where: str, verifier=None, pinned: bool = False, must_sign: bool = False) -> list[Problem]:
+    """A row on its own: its form, its hash, its ids digest, its signature (checked when ``verifier`` holds the
+    key it names). ``pinned``: ``verifier`` is the key the caller trusts, so a row signed by another key is a
+    mismatch; ``must_sign``: an unsigned row is one too (the row that must authenticate what precedes it)."""
     restore = "restore the ledger from a backup of this run"
+    if not well_formed(entry):
+        return [Problem(where, f"it is malformed (it lacks or garbles one of {', '.join(FIELDS)})", restore)]
     problems = []
     if entry.recomputed_hash() != entry.entry_hash:
         problems.append(Problem(where, "its content does not hash to its entry_hash: the row was edited", restore))
-    report = entry.body.get("report") or {}
+    report = entry.body["report"]
     if "ids" in report and not entry.body.get("migrated"):
         if ids_digest(report["ids"]) != entry.body.get("ids_sha256") or len(report["ids"]) != entry.body.get("n_rows"):
             problems.append(Problem(where, "its ids digest or count does not match the ids it lists", restore))
     signer = entry.body.get("signer")
     if signer is None:
-        if pinned:
+        if must_sign:
             problems.append(Problem(where, "it is not signed, but a key was given to check it with",
                                     "a run signs its rows only when written with --signing-key (or $EXPUNGE_SIGNING_KEY)"))
-    elif entry.signature is None:
-        problems.append(Problem(where, f"it names signing key {signer['key_id']} but carries no signature: the "
-                                "signature was removed", restore))
+    elif not isinstance(signer, dict) or not isinstance(entry.signature, str):
+        problems.append(Problem(where, "it names a signing key but carries no signature: the signature was removed",
+                                restore))
     elif verifier is not None:
-        if verifier.key_id != signer["key_id"] or verifier.alg != signer["alg"]:
+        if verifier.key_id != signer.get("key_id") or verifier.alg != signer.get("alg"):
             if pinned:
-                problems.append(Problem(where, f"it is signed by key {signer['key_id']} ({signer['alg']}), not by the "
-                                        f"key given ({verifier.key_id})", "check that you have the operator's key"))
+                problems.append(Problem(where, f"it is signed by key {signer.get('key_id')} ({signer.get('alg')}), not by "
+                                        f"the key given ({verifier.key_id})", "check that you have the operator's key"))
         elif not verifier.check(entry.entry_hash.encode(), entry.signature):
             problems.append(Problem(where, "its signature does not match its content", restore))
     return problems
 
 
+def row_label(entry: Entry) -> str:
+    body = entry.body if isinstance(entry.body, dict) else {}
+    return f"ledger row {body.get('seq', '?')} (version {body.get('version', '?')})"
+
+
 def check_chain(entries: list[Entry], verifier=None, pinned: bool = False) -> list[Problem]:
-    """Every row, and every link between rows (see the module docstring)."""
+    """Every row, and every link between rows (see the module docstring). With a ``pinned`` key the last row
+    must be signed by it: its signature covers its hash, which chains every row before it."""
     problems, prev, signed_by = [], None, None
+    restore = "restore the ledger from a backup of this run"
     for i, entry in enumerate(entries):
-        where = f"ledger row {entry.body.get('seq', '?')} (version {entry.body.get('version', '?')})"
-        restore = "restore the ledger from a backup of this run"
-        problems += check_entry(entry, where, verifier, pinned)
-        if entry.body.get("seq") != i + 1:
-            problems.append(Problem(where, f"it is row {i + 1} of the file but says seq {entry.body.get('seq')}: a row "
+        where = row_label(entry)
+        found = check_entry(entry, where, verifier, pinned, must_sign=pinned and i == len(entries) - 1)
+        problems += found
+        if not well_formed(entry):
+            prev = entry
+            continue
+        if entry.body["seq"] != i + 1:
+            problems.append(Problem(where, f"it is row {i + 1} of the file but says seq {entry.body['seq']}: a row "
                                     "before it was removed or rows were reordered", restore))
-        expected = GENESIS if prev is None else prev.entry_hash
-        if entry.body.get("prev_hash") != expected:
+        expected = GENESIS if i == 0 else getattr(prev, "entry_hash", None)
+        if entry.body["prev_hash"] != expected:
             problems.append(Problem(where, "it does not link to the row before it (prev_hash differs): a row was removed, "
                                     "inserted or edited", restore))
-        if prev is not None:
-            if prev.body.get("run_id") != entry.body.get("run_id"):
+        if prev is not None and well_formed(prev):
+            if prev.body["run_id"] != entry.body["run_id"]:
                 problems.append(Problem(where, "it belongs to another run (run_id differs)", restore))
             step = entry.version - prev.version
             if (step != 1 and not entry.body.get("migrated")) or step < 1:
                 problems.append(Problem(where, f"its version follows version {prev.version}: versions must rise by one",
                                         restore))
-            if not _prefix_equal(entry.body.get("model_hash_before"), prev.body.get("model_hash_after")):
+            if not _prefix_equal(entry.body.get("model_hash_before"), prev.body["model_hash_after"]):
                 problems.append(Problem(where, "its model_hash_before is not the model the row before produced", restore))
         signer = entry.body.get("signer")
-        if signed_by is not None and (signer or {}).get("key_id") != signed_by:
+        key_id = signer.get("key_id") if isinstance(signer, dict) else None
+        if signed_by is not None and key_id != signed_by:
             problems.append(Problem(where, f"rows before it are signed by key {signed_by}, this one "
-                                    + ("is not signed" if signer is None else f"by key {signer['key_id']}"), restore))
-        signed_by = signed_by or (signer or {}).get("key_id")
+                                    + ("is not signed" if key_id is None else f"by key {key_id}"), restore))
+        signed_by = signed_by or key_id
         prev = entry
     return problems
 
@@ -127,7 +152,8 @@ class Reconciliation:
         return not self.problems
 
 
-def check_manifest_entry(manifest: dict, run_label: str) -> tuple[Entry | None, list[Problem]]:
+def check_manifest_entry(manifest: dict, run_label: str, verifier=None, pinned: bool = False
+                         ) -> tuple[Entry | None, list[Problem]]:
     """The manifest's own last row, and whether the manifest is what that row committed."""
     restore = (f"restore manifest.json from a backup of this run (the ledger's last row records the version, model "
                f"hash and manifest digest it must have; `expunge verify {run_label}` checks it)")
@@ -137,8 +163,10 @@ def check_manifest_entry(manifest: dict, run_label: str) -> tuple[Entry | None, 
     try:
         entry = Entry.from_dict(last)
     except (KeyError, TypeError):
-        return None, [Problem("manifest.json", "its last ledger row is malformed", restore)]
-    problems = check_entry(entry, "manifest.json (its copy of the last ledger row)")
+        entry = None
+    if entry is None or not well_formed(entry):
+        return None, [Problem("manifest.json", "its copy of the last ledger row is malformed", restore)]
+    problems = check_entry(entry, "manifest.json (its copy of the last ledger row)", verifier, pinned, must_sign=pinned)
     if entry.entry_hash != info.get("head") or entry.body.get("seq") != info.get("length"):
         problems.append(Problem("manifest.json", "its ledger head does not match its copy of the last row", restore))
     body = entry.body
@@ -160,7 +188,7 @@ def check_manifest_entry(manifest: dict, run_label: str) -> tuple[Entry | None, 
 
 
 def _describe(entries: list[Entry]) -> str:
-    parts = [f"version {e.version}: {e.body.get('kind')} {e.body.get('n_rows')} row(s) by {e.body.get('method')}"
+    parts = [f"version {e.body.get('version')}: {e.body.get('kind')} {e.body.get('n_rows')} row(s) by {e.body.get('method')}"
              + (f", requested by {e.body['requested_by']}" if e.body.get("requested_by") else "") for e in entries[:5]]
     return "; ".join(parts) + (f"; and {len(entries) - 5} more" if len(entries) > 5 else "")
 
@@ -169,30 +197,28 @@ def reconcile(manifest: dict, ledger: Ledger, run_label: str, full: bool = False
               pinned: bool = False) -> Reconciliation:
     """Compare the manifest with its ledger: the head only, or (``full``) every row of the chain too."""
     result = Reconciliation()
-    entry, result.problems = check_manifest_entry(manifest, run_label)
+    entry, result.problems = check_manifest_entry(manifest, run_label, verifier, pinned)
     if entry is None:
         return result
-    if verifier is not None:
-        result.problems += check_entry(entry, "manifest.json (its copy of the last ledger row)", verifier, pinned)
-    expected = entry.seq
+    manifest_ok, expected = not result.problems, entry.seq
     restore_ledger = (f"restore ledger.sqlite from the backup taken with this run directory (its row {expected} has "
                       f"hash {entry.entry_hash[:16]}...); until then nothing can be written to {run_label}")
     if full:
         result.entries = rows = ledger.read()
-        result.problems += check_chain(rows, verifier, pinned)
         length, head = len(rows), (rows[-1] if rows else None)
         at = (lambda seq: rows[seq - 1] if 0 < seq <= len(rows) else None)
     else:
         length, head = ledger.length(), ledger.head()
         if head is not None:
-            result.problems += check_entry(head, f"ledger row {head.seq} (the last)", verifier, pinned)
+            result.problems += check_entry(head, f"{row_label(head)}, the last", verifier, pinned, must_sign=pinned)
         at = ledger.row
     if length == expected:
         if head is None or head.entry_hash != entry.entry_hash:
             result.problems.append(Problem("ledger.sqlite", f"its last row (seq {expected}) is not the row the manifest "
                                            "committed: the ledger or the manifest was replaced or edited", restore_ledger))
     elif length == expected - 1 and entry.body.get("prev_hash") == (head.entry_hash if head else GENESIS):
-        result.pending = entry  # proven by the manifest: a write appends it
+        if manifest_ok:  # proven by the manifest: a write appends it (else the manifest's problems say why not)
+            result.pending = entry
     elif length < expected:
         what = ("is missing" if not ledger.exists() else f"has {length} row(s)") + \
             f", but the manifest records {expected} request(s)"
@@ -215,4 +241,6 @@ def reconcile(manifest: dict, ledger: Ledger, run_label: str, full: bool = False
                 "restore the run directory that matches the ledger (its manifest names ledger head "
                 f"{head.entry_hash[:16]}...); if it is lost, those requests must be applied again to a newly trained "
                 f"run (their ids: `expunge ledger {run_label} --json`)"))
+    if full:  # every row, and the row the manifest holds as the chain's next link when it is pending
+        result.problems[:0] = check_chain(rows + ([result.pending] if result.pending else []), verifier, pinned)
     return result

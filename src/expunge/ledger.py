@@ -142,6 +142,8 @@ class Ledger:
             db.close()
 
     def _damaged(self, e: Exception) -> ExpungeError:
+        if "locked" in str(e):  # another process is appending (SQLite waited 5 s for it)
+            return ExpungeError(f"{self.path} is being written by another process; try again in a moment")
         return ExpungeError(f"{self.path} cannot be read ({e}): the ledger is damaged; restore it from a backup "
                             f"of this run and check it with `expunge verify {self.path.parent}`")
 
@@ -161,10 +163,13 @@ class Ledger:
         entries = []
         for seq, entry_hash, body, signature in rows:
             try:
-                entries.append(Entry(json.loads(body), entry_hash, signature))
+                parsed = json.loads(body)
+                if not isinstance(parsed, dict):
+                    raise ValueError("not a JSON object")
             except (TypeError, ValueError) as e:
                 raise ExpungeError(f"ledger row {seq} of {self.path} is not valid JSON ({e}): the ledger was "
                                    "edited or damaged; restore it from a backup of this run") from None
+            entries.append(Entry(parsed, entry_hash, signature))
         return entries
 
     def read(self) -> list[Entry]:

@@ -315,3 +315,28 @@ def test_manifest_digest_ignores_only_the_chain_fields():
     manifest = {"version": 1, "files": {"a": "1"}, "ledger": {"length": 1}, "last_entry": {}}
     assert manifest_digest(manifest) == manifest_digest({"version": 1, "files": {"a": "1"}})
     assert manifest_digest(manifest) != manifest_digest({"version": 1, "files": {"a": "2"}})
+
+
+@pytest.mark.parametrize("method", ["certified", "sisa"])
+def test_runs_with_state_of_their_own_verify_and_their_swapped_weights_are_found(tmp_path, method):
+    from expunge.unlearn.certified import CertifiedRemoval
+    from expunge.unlearn.sisa import SISA
+
+    data = dataset()
+    if method == "certified":
+        data = IndexedDataset.from_arrays(data.X / np.linalg.norm(data.X, axis=1, keepdims=True), data.y, ids=data.ids)
+        run = CertifiedRemoval(lam=1e-2).fit(data, out=tmp_path / "run")
+        weights, key = run.path / "versions/000002/weights.safetensors", "W"
+    else:
+        run = SISA(shards=2, workers=1).fit(data, TrainRecipe(model="logreg", epochs=1, batch_size=64), out=tmp_path / "run")
+        weights, key = run.path / "versions/000002/sisa/shard000_slice000.safetensors", "w"
+    run.forget([1001, 1002], requested_by="alice")
+    result = verify_run(run.path)
+    assert result.ok, text(result)
+    tensors = load_file(weights)
+    save_file({**tensors, key: tensors[key] * 2}, str(weights))
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    manifest["files"][str(weights.relative_to(run.path / "versions/000002"))] = file_sha256(weights)
+    (run.path / "manifest.json").write_text(json.dumps(manifest))
+    found = text(verify_run(run.path))
+    assert "does not hash to the model hash" in found and "manifest.json: its content" in found

@@ -276,8 +276,11 @@ class RunModel:
             raise ExpungeError(f"{target} exists and is not empty; save to a new directory")
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
         keep = self.run.current(self.manifest).name
-        shutil.copytree(self.path, tmp, ignore=lambda d, names: [
-            n for n in names if n == ".lock" or (Path(d).name == "versions" and n != keep)])
+        with self.run.lock():  # no writer changes the run halfway through the copy
+            if self.run.read_manifest().get("ledger") != self.manifest.get("ledger"):
+                raise ExpungeError(f"{self.path} changed since it was loaded; load it again before saving a copy")
+            shutil.copytree(self.path, tmp, ignore=lambda d, names: [
+                n for n in names if n == ".lock" or (Path(d).name == "versions" and n != keep)])
         if target.exists():
             target.rmdir()
         tmp.replace(target)
