@@ -55,7 +55,8 @@ def demo(
     print_report(added, quiet=False)
     console.rule("ledger")
     for e in fitted.ledger.entries():
-        console.print(f"v{e['version']} {e['kind']:7s} {e['method']:9s} {e['n_rows']:5d} rows  model {e['model_hash']}")
+        console.print(f"v{e['version']} {e['kind']:7s} {e['method']:9s} {e['n_rows']:5d} rows  model "
+                      f"{e['model_hash_after'][:16]}  row hash {e['entry_hash'][:16]}")
     console.rule("what this shows")
     for report, verb in ((forgot, "forgot"), (added, "added back")):
         console.print(_summary(report, verb), highlight=False)

@@ -70,6 +70,14 @@ T0_OPTION = typer.Option(None, "--T0", help="DeltaGrad: period of explicit itera
 J0_OPTION = typer.Option(None, help="DeltaGrad: burn-in iterations (default: the run's, else 20).")
 M_OPTION = typer.Option(None, help="DeltaGrad: L-BFGS history length (default: the run's, else 2).")
 COMPARE_OPTION = typer.Option(True, help="Also retrain exactly and report the distance to it (costs one retraining).")
+REQUESTED_BY_OPTION = typer.Option(None, help="Who asked for this change (recorded in the ledger).")
+REASON_OPTION = typer.Option(None, help="Why (recorded in the ledger), e.g. 'GDPR art. 17 erasure request'.")
+REFERENCE_OPTION = typer.Option(None, help="The asker's own reference, e.g. a ticket number (recorded in the ledger).")
+DROP_PRIVACY_OPTION = typer.Option(False, "--drop-privacy", help="On a private (--dp) run: allow a non-private method, "
+                                   "ending the model's privacy guarantee (recorded in the manifest and the ledger).")
+SIGNING_KEY_OPTION = typer.Option(None, help="Sign the ledger row with this key (Ed25519 PEM or HMAC secret, see "
+                                  "`expunge keygen`); default $EXPUNGE_SIGNING_KEY. Required once a run is signed.")
+WAIT_OPTION = typer.Option(600.0, help="Seconds to wait for another process updating the run to finish.")
 
 
 def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optional[int], m: Optional[int]):
@@ -166,6 +174,7 @@ def train(
                                                      "with it (UCI Adult's adult.test writes '>50K.')."),
     test_data: Optional[Path] = typer.Option(None, help="Text tables: a held-out table read like --data (same columns "
                                              "and encoders), to report test accuracy on."),
+    signing_key: Optional[Path] = SIGNING_KEY_OPTION,
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
 ):
@@ -206,19 +215,21 @@ def train(
                                   physical_batch_size=physical_batch_size, accountant=accountant,
                                   transform=dp_transform)
         fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, progress=not quiet,
-                             preprocess=spec)
+                             preprocess=spec, signing_key=signing_key)
         method = "dp"
     elif method == "certified":
         updater = CertifiedRemoval(lam=lam, sigma=sigma, epsilon=1.0 if epsilon is None else epsilon,
                                    delta=1e-4 if delta is None else delta, on_exhausted=on_exhausted, seed=seed)
-        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec)
+        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec,
+                             signing_key=signing_key)
     elif method == "sisa":
         updater = SISA(shards=shards, slices=slices, aggregation=aggregation, backend=backend, workers=workers,
                        address=address)
-        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec)
+        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec,
+                             signing_key=signing_key)
     else:
         fitted = Fitted.train(train_set, recipe, _updater(method, T0, j0, m), out=out, test=test_set, source=source,
-                              progress=not quiet, preprocess=spec)
+                              progress=not quiet, preprocess=spec, signing_key=signing_key)
     report = fitted.ledger.entries()[-1]["report"]
     if not quiet:
         acc = report["metrics"].get("test_acc")
@@ -233,17 +244,24 @@ def train(
     write_json(json_out, report)
 
 
-def _load(run: Path, data: Optional[str]):
+def _load(run: Path, data: Optional[str], wait: float):
+    """Open the run holding its lock until the request is committed: requests from several processes queue."""
     from ..artifact import RunDirectory
     from ..data import load_dataset
     from ..unlearn import RunModel
 
     if not data:
-        return RunModel.load(run)
+        return RunModel.locked(run, wait=wait)
     read = RunDirectory(run).read_manifest()["data"].get("read")
     if read and read.get("test"):
         read = {**read, "test": None}  # the training table moved; its held-out table is left out
-    return RunModel.load(run, *load_dataset(data, read_spec=read))
+    return RunModel.locked(run, *load_dataset(data, read_spec=read), wait=wait)
+
+
+def _print_report_notes(report, quiet: bool) -> None:
+    if not quiet:
+        for note in report.notes:
+            console.print(f"[yellow]note[/] {note}", highlight=False)
 
 
 @app.command()
@@ -261,6 +279,12 @@ def forget(
     j0: Optional[int] = J0_OPTION,
     m: Optional[int] = M_OPTION,
     compare: bool = COMPARE_OPTION,
+    requested_by: Optional[str] = REQUESTED_BY_OPTION,
+    reason: Optional[str] = REASON_OPTION,
+    reference: Optional[str] = REFERENCE_OPTION,
+    drop_privacy: bool = DROP_PRIVACY_OPTION,
+    signing_key: Optional[Path] = SIGNING_KEY_OPTION,
+    wait: float = WAIT_OPTION,
     data: Optional[str] = DATA_OPTION,
     json_out: Optional[str] = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -271,22 +295,23 @@ def forget(
 
     if sum(x is not None for x in (ids, ratio, label)) != 1:
         raise ExpungeError("give exactly one of --ids FILE, --ratio R or --class K")
-    fitted = _load(run, data)
-    if ids is not None:
-        chosen = load_ids(ids)
-    elif ratio is not None:
-        chosen = fitted.sample_ids(ratio, seed)
-    else:
-        chosen = fitted.universe.ids[fitted.active & (fitted.universe.y == label)]
-        if len(chosen) == 0:
-            raise ExpungeError(f"no current rows have label {label}")
-    if (method or getattr(getattr(fitted, "updater", None), "name", None)) == "fisher":
-        from ..unlearn.fisher import Fisher
+    chosen = load_ids(ids) if ids is not None else None
+    with _load(run, data, wait) as fitted:
+        if ratio is not None:
+            chosen = fitted.sample_ids(ratio, seed)
+        elif label is not None:
+            chosen = fitted.universe.ids[fitted.active & (fitted.universe.y == label)]
+            if len(chosen) == 0:
+                raise ExpungeError(f"no current rows have label {label}")
+        if (method or getattr(getattr(fitted, "updater", None), "name", None)) == "fisher":
+            from ..unlearn.fisher import Fisher
 
-        updater = Fisher(lam=scrub_lam, newton=newton, seed=seed)
-    else:
-        updater = _request_updater(fitted, method, T0, j0, m)
-    report = fitted.forget(chosen, method=updater, compare=compare, progress=not quiet)
+            updater = Fisher(lam=scrub_lam, newton=newton, seed=seed)
+        else:
+            updater = _request_updater(fitted, method, T0, j0, m)
+        report = fitted.forget(chosen, method=updater, compare=compare, progress=not quiet, requested_by=requested_by,
+                               reason=reason, reference=reference, drop_privacy=drop_privacy, signing_key=signing_key)
+    _print_report_notes(report, quiet)
     print_report(report, quiet)
     write_json(json_out, report.to_dict())
 
@@ -308,6 +333,12 @@ def add(
     j0: Optional[int] = J0_OPTION,
     m: Optional[int] = M_OPTION,
     compare: bool = COMPARE_OPTION,
+    requested_by: Optional[str] = REQUESTED_BY_OPTION,
+    reason: Optional[str] = REASON_OPTION,
+    reference: Optional[str] = REFERENCE_OPTION,
+    drop_privacy: bool = DROP_PRIVACY_OPTION,
+    signing_key: Optional[Path] = SIGNING_KEY_OPTION,
+    wait: float = WAIT_OPTION,
     data: Optional[str] = DATA_OPTION,
     json_out: Optional[str] = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -317,10 +348,13 @@ def add(
     from ..data import load_rows
 
     options = _read_options(delimiter, header, label_column, id_column, comment)
-    fitted = _load(run, data)
-    new = load_rows(rows, fitted.manifest["data"].get("read"), options)  # encoded as the training data was
-    _print_notes(rows.name, new.notes, quiet)
-    updater = _request_updater(fitted, method, T0, j0, m)
-    report = fitted.add(new.X, new.y, new.ids, method=updater, compare=compare, progress=not quiet)
+    with _load(run, data, wait) as fitted:
+        new = load_rows(rows, fitted.manifest["data"].get("read"), options)  # encoded as the training data was
+        _print_notes(rows.name, new.notes, quiet)
+        updater = _request_updater(fitted, method, T0, j0, m)
+        report = fitted.add(new.X, new.y, new.ids, method=updater, compare=compare, progress=not quiet,
+                            requested_by=requested_by, reason=reason, reference=reference, drop_privacy=drop_privacy,
+                            signing_key=signing_key)
+    _print_report_notes(report, quiet)
     print_report(report, quiet)
     write_json(json_out, report.to_dict())
