@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 
+import dp_accounting
 import numpy as np
 import torch
 
@@ -55,8 +56,31 @@ def split_budget(target_epsilon: float, target_delta: float, *, n: int, batch_si
     probe_batch_size = probe_batch_size or batch_size
     check_batch_size(probe_batch_size, n)
     sigma_g = gamma * accounting.calibrate_noise(batch_size / n, steps, target_epsilon, target_delta, accountant)
-    sigma_l = accounting.calibrate_noise(probe_batch_size / n, probes, target_epsilon, target_delta, accountant,
-                                         prior=[Phase(sigma_g, batch_size / n, steps)])
+    gradient = [Phase(sigma_g, batch_size / n, steps)]
+    q = probe_batch_size / n
+
+    def spent(sigma: float) -> float:
+        return accounting.epsilon(gradient + [Phase(sigma, q, probes)], target_delta, accountant)
+
+    # The gradient phase is PLD-tight, so calibrate_noise's RDP bracketing may find no answer: bracket here on the
+    # accountant itself (a large sigma leaves little for the probes to spend), then dp-accounting's search.
+    hi = 1.0
+    while spent(hi) > target_epsilon:
+        hi *= 2
+        if hi > 1e6:
+            raise ExpungeError("the probes cannot fit in what the gradient steps leave of the budget: raise gamma")
+    lo = hi / 2
+    while spent(lo) <= target_epsilon and lo > accounting.PLD_MIN_SIGMA:
+        hi, lo = lo, lo / 2
+    if spent(lo) <= target_epsilon:
+        return float(sigma_g), float(lo)
+    with accounting._quiet_absl():
+        sigma_l = dp_accounting.calibrate_dp_mechanism(
+            lambda: accounting.make_accountant(accountant),
+            lambda s: accounting.history_event(gradient + [Phase(s, q, probes)]), target_epsilon, target_delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=1e-4)
+    while spent(sigma_l) > target_epsilon:  # Brent lands within tol on either side
+        sigma_l += 1e-4
     return float(sigma_g), float(sigma_l)
 
 
