@@ -12,7 +12,10 @@ eta* = eta B / A (with three points: eta* = (eta/2)(L- - L+) / (L+ + L- - 2 L0))
 
     eta <- smoothing eta + (1 - smoothing) s_t clip(eta*, eta/clip, clip eta)
 
-(smoothing 0.9 and clip 2 as in the paper; s_t an optional horizon schedule, e.g. cosine_horizon(T)).
+(smoothing 0.9 and clip 2 as in the paper; s_t an optional horizon schedule, e.g. cosine_horizon(T)). That is
+`horizon="proposal"`, the paper's form: s_t scales what each accepted estimate proposes, so a rate that starts far
+below eta* may not grow once s_t < 1/2. With `horizon="rate"` GeN instead tracks the unscaled rate (the update
+above with s_t = 1) and the optimizer steps at s_t times it, so the schedule shapes the run whatever the start.
 
 When an estimate is accepted (write s for the standard deviation of one measured loss: the privatising noise
 of private probes, else the floating-point resolution of the loss, 16 eps |L|; se_A, se_B the standard errors
@@ -259,8 +262,9 @@ class Estimate:
     """One GeN estimate: where it probed, what it measured, what it decided."""
 
     step: int
-    lr: float  # rate before
+    lr: float  # rate before (applied)
     new_lr: float  # rate after (applied to this step)
+    tracked: float  # GeN's unscaled rate after (equals new_lr with horizon="proposal")
     lr_star: float | None  # eta* (before clipping) when accepted
     accepted: bool
     reason: str
@@ -281,11 +285,13 @@ class GeN:
     DPOptimizer): `step()` steps it, and every `every` steps sets its rate from probed losses (module docstring).
 
     points: 3 (offsets -eta, 0, +eta), an odd number of evenly spaced offsets in [-eta, eta], or a sequence of
-    offsets in units of eta. smoothing, clip, schedule: the update of the rate. z, r2_min: the acceptance test."""
+    offsets in units of eta. smoothing, clip, schedule, horizon: the update of the rate (module docstring).
+    z, r2_min: the acceptance test."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, probe, *, loss_fn: Callable | None = None, every: int = 4,
-                 points=3, smoothing: float = 0.9, schedule: Callable[[int], float] | None = None, clip: float = 2.0,
-                 z: float = 2.0, r2_min: float = 0.99, assume_linear: bool = False):
+                 points=3, smoothing: float = 0.9, schedule: Callable[[int], float] | None = None,
+                 horizon: str = "proposal", clip: float = 2.0, z: float = 2.0, r2_min: float = 0.99,
+                 assume_linear: bool = False):
         _positive_int(every, "every")
         if not 0 <= smoothing < 1:
             raise ExpungeError(f"smoothing must be in [0, 1), got {smoothing}")
@@ -293,9 +299,13 @@ class GeN:
             raise ExpungeError(f"clip must be above 1 (eta* is clipped to [eta/clip, clip eta]), got {clip}")
         if schedule is not None and not callable(schedule):
             raise ExpungeError("schedule must be a function of the step, s(t) in [0, 1] (e.g. cosine_horizon(T))")
+        if horizon not in ("proposal", "rate"):
+            raise ExpungeError(f"horizon must be 'proposal' (s_t scales each estimate, the paper's form) or 'rate' "
+                               f"(s_t scales the applied rate), got {horizon!r}")
         if not z >= 0 or not 0 <= r2_min <= 1:
             raise ExpungeError(f"z must be >= 0 and r2_min in [0, 1], got z={z}, r2_min={r2_min}")
         self.optimizer, self.every, self.smoothing, self.schedule = optimizer, int(every), float(smoothing), schedule
+        self.horizon = horizon
         self.clip, self.z, self.r2_min = float(clip), float(z), float(r2_min)
         self.offsets = _offsets(points)
         self.engine = _engine_of(optimizer)
@@ -304,7 +314,7 @@ class GeN:
         rate = float(groups[0]["lr"])
         if not rate > 0 or not math.isfinite(rate):
             raise ExpungeError(f"the optimizer's learning rate must be positive and finite to start GeN from, got {rate}")
-        self._lr = rate
+        self._lr = self._tracked = rate  # the applied rate; GeN's unscaled rate (they differ with horizon="rate")
         self.ratios = [float(g["lr"]) / rate for g in groups]
         self.probe = self._make_probe(probe, loss_fn)
         self.steps = 0  # base-optimizer steps taken through GeN
@@ -318,6 +328,11 @@ class GeN:
         return self._lr
 
     @property
+    def tracked(self) -> float:
+        """GeN's own rate before the horizon (the same as lr unless horizon="rate")."""
+        return self._tracked
+
+    @property
     def param_groups(self):
         return self.optimizer.param_groups
 
@@ -329,7 +344,9 @@ class GeN:
         self._check_rates()
         if self.engine is not None and not getattr(self.optimizer, "_logical_end", True):
             return self.optimizer.step(closure)  # a physical batch inside a logical one: no base step yet
-        if self.steps % self.every:
+        if self.horizon == "rate":
+            self._set_rate(self._horizon() * self._tracked)
+        if self.steps % self.every or self._lr == 0:  # (a zero rate moves nothing to read a direction from)
             loss = self.optimizer.step(closure)
             self.rates.append(self._lr)
             self.steps += 1
@@ -341,7 +358,8 @@ class GeN:
         if self.engine is not None and self.engine.steps == engine_steps:
             return loss  # the engine did not release a gradient: no base step happened
         after = [p.detach().clone() for p in params]
-        eta = self._lr
+        eta = self._lr  # the rate of the step just taken
+        scale = self._tracked  # the probe offsets and the fit are in units of GeN's own rate
 
         def move(x: float) -> None:
             with torch.no_grad():
@@ -350,12 +368,13 @@ class GeN:
 
         try:
             with torch.no_grad():
-                measured = self.probe.measure([r * eta for r in self.offsets], move)
+                measured = self.probe.measure([r * scale for r in self.offsets], move)
         except BaseException:
             move(eta)  # leave the weights where the base step put them
             raise
         estimate = self._decide(measured)
         move(estimate.new_lr)  # the step at the new rate: w + (eta_new / eta)(w_step - w)
+        self._tracked = estimate.tracked
         self._set_rate(estimate.new_lr)
         if self.engine is not None:  # transforms that read the step just taken (DiSK's d) see the rescaled one
             from ..privacy.transforms import DiSK
@@ -371,7 +390,8 @@ class GeN:
 
     def state_dict(self) -> dict:
         probe_state = self.probe.state_dict() if hasattr(self.probe, "state_dict") else None
-        return {"format": 1, "optimizer": self.optimizer.state_dict(), "lr": self._lr, "ratios": list(self.ratios),
+        return {"format": 1, "optimizer": self.optimizer.state_dict(), "lr": self._lr, "tracked": self._tracked,
+                "ratios": list(self.ratios),
                 "steps": self.steps, "rates": list(self.rates), "history": [e.to_dict() for e in self.history],
                 "probe": probe_state}
 
@@ -386,6 +406,7 @@ class GeN:
         self.optimizer.load_state_dict(state["optimizer"])
         self.ratios = [float(r) for r in state["ratios"]]
         self._set_rate(float(state["lr"]))
+        self._tracked = float(state["tracked"])
         self.steps, self.rates = int(state["steps"]), [float(r) for r in state["rates"]]
         self.history = [Estimate(**e) for e in state["history"]]
         if state.get("probe") is not None:
@@ -419,23 +440,30 @@ class GeN:
         raise ExpungeError("give probe=batches with loss_fn=..., or probe=closure (a function that draws a fresh batch "
                            "and returns a function of no arguments computing the loss on it)")
 
+    def _horizon(self) -> float:
+        horizon = float(self.schedule(self.steps)) if self.schedule is not None else 1.0
+        if not 0 <= horizon <= 1 or not math.isfinite(horizon):
+            raise ExpungeError(f"the horizon schedule gave {horizon} at step {self.steps}; it must be in [0, 1]")
+        return horizon
+
     def _decide(self, measured: Measurement) -> Estimate:
-        eta = self._lr
+        eta = self._tracked
         losses = np.asarray(measured.losses, dtype=np.float64)
         noise = measured.noise_std
         if noise <= 0:  # exact losses: their floating-point resolution
             finite = losses[np.isfinite(losses)]
             noise = ROUNDING * measured.eps * (float(np.abs(finite).max()) if finite.size else 1.0)
         fit = fit_rate(self.offsets, losses, noise, clip=self.clip, z=self.z, r2_min=self.r2_min)
-        horizon = float(self.schedule(self.steps)) if self.schedule is not None else 1.0
-        if not 0 <= horizon <= 1 or not math.isfinite(horizon):
-            raise ExpungeError(f"the horizon schedule gave {horizon} at step {self.steps}; it must be in [0, 1]")
-        new, star = eta, None
+        horizon = self._horizon()
+        tracked, star = eta, None
         if fit.accepted:
             star = eta * fit.ratio
             proposal = min(max(star, eta / self.clip), eta * self.clip)
-            new = self.smoothing * eta + (1 - self.smoothing) * horizon * proposal
-        return Estimate(step=self.steps, lr=eta, new_lr=new, lr_star=star, accepted=fit.accepted, reason=fit.reason,
+            scale = horizon if self.horizon == "proposal" else 1.0
+            tracked = self.smoothing * eta + (1 - self.smoothing) * scale * proposal
+        new = tracked if self.horizon == "proposal" else horizon * tracked
+        return Estimate(step=self.steps, lr=self._lr, new_lr=new, tracked=tracked, lr_star=star,
+                        accepted=fit.accepted, reason=fit.reason,
                         offsets=[r * eta for r in self.offsets], losses=[float(v) for v in losses],
                         noise_std=float(measured.noise_std), slope=fit.slope, curvature=fit.curvature, r2=fit.r2,
                         horizon=horizon)
