@@ -416,3 +416,24 @@ def test_private_training_refuses_unaccounted_probes():
 def test_estimates_in_counts_probes():
     assert [estimates_in(s, 4) for s in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
     assert math.isclose(cosine_horizon(4)(2), 0.5)
+
+
+def test_rate_horizon_scales_the_applied_rate_and_tracks_the_unscaled_one():
+    Q, target = quadratic()
+    w = torch.zeros(6, dtype=DT, requires_grad=True)
+    loss = lambda: 0.5 * (w - target) @ Q @ (w - target)
+    horizon = linear_horizon(8)
+    gen = GeN(torch.optim.SGD([w], lr=1e-4), probe=lambda: loss, every=2, schedule=horizon, horizon="rate")
+    tracked = []
+    for t in range(10):
+        tracked.append(gen.tracked)
+        train_closure(gen, loss, 1)
+        if t % 2 == 0 and horizon(t) > 0:
+            e = gen.history[-1]
+            assert e.new_lr == pytest.approx(horizon(t) * e.tracked, rel=1e-12)
+            assert e.accepted and e.tracked == pytest.approx(1e-4 * 1.1 ** (t // 2 + 1), rel=1e-9)  # grows at full speed
+        else:
+            assert gen.rates[-1] == pytest.approx(horizon(t) * tracked[-1], rel=1e-12)
+    assert gen.rates[8] == gen.rates[9] == 0.0 and len(gen.history) == 4  # no direction to read at rate 0
+    with pytest.raises(ExpungeError, match="horizon must be"):
+        GeN(torch.optim.SGD([w], lr=0.1), probe=lambda: loss, horizon="steps")
