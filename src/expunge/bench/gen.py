@@ -38,10 +38,10 @@ are reproducible): the targets are mostly missed. Gap to the best tuned schedule
 Only GeN-cosine from the top with AdamW, and private GeN from the top, are within 0.5 points. What the rate
 trajectories (plot) say: (1) the paper's update moves the rate by at most x1.1 up or x0.95 down per estimate, and
 the estimates stay near the current rate (the greedy one-step optimum along u follows the sharpness the run has
-reached), so from 100x too low GeN reaches 0.02-0.07 (SGD) and 0.003-0.02 (AdamW) only by the end of 2 epochs;
+reached), so from 100x too low GeN reaches 0.015-0.07 (SGD) and 0.003-0.02 (AdamW) only by the end of 2 epochs;
 (2) without a horizon the greedy rate keeps rising late in training (AdamW ends at 0.04-0.05, 5x the best tuned
 rate, and loses 3-4 points); SGD-momentum started at 0.3 collapsed to a constant output within ~100 steps (as the
-plain run at 0.3 does), before GeN had lowered the rate, and on the flat loss that followed GeN raised it to ~2;
+plain run at 0.3 does) while GeN held the rate at 0.29-0.34, and on the flat loss that followed GeN raised it to ~2;
 (3) with the paper's cosine horizon (s_t scales each proposal) the rate decays to ~0 whatever it started at,
 which helps from the top (+0.03/+0.16 with AdamW) and stalls the run from the bottom; (4) privately, the probe
 noise (sigma_l ~1.2 at the 1% budget share, R_l 2.5, 512 rows) leaves the curvature unresolved at a small rate
