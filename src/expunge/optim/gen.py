@@ -43,6 +43,11 @@ Adagrad with lr_decay, subclasses) are refused unless `assume_linear=True` vouch
 GeN owns the rate: do not put a torch LR scheduler on the same optimizer (a change made outside GeN is
 refused at the next step); use `schedule=` instead. Param groups keep their ratios to group 0's rate.
 
+What to expect (benchmarks/results/gen.json, `expunge bench gen`): the rate moves at most x1.1 up or x0.95 down per
+estimate, so a start 100x off is not recovered within a short run; without a horizon the greedy one-step rate
+rose late in training (to 5x the best tuned rate for AdamW); with the cosine horizon it decays to ~0 from
+wherever it is. Started near or above a good rate, with the horizon, it matched the best tuned schedule.
+
 Probes: `probe=batches` (any re-iterable such as a DataLoader or a list, or an iterator) with
 `loss_fn(batch) -> loss` (mean over the batch), or `probe=closure` where closure() draws a fresh batch and
 returns a function of no arguments that computes the loss on it at the current weights. The loss must be a
