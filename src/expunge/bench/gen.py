@@ -46,8 +46,9 @@ plain run at 0.3 does) while GeN held the rate at 0.29-0.34, and on the flat los
 which helps from the top (+0.03/+0.16 with AdamW) and stalls the run from the bottom; (4) privately, the probe
 noise (sigma_l ~1.2 at the 1% budget share, R_l 2.5, 512 rows) leaves the curvature unresolved at a small rate
 (every estimate from 0.05 rejected: the rate never moved), while from the top it settled at 4.6.
-Cost: CPU time of GeN against a plain run of the same optimizer, 160 steps alternated three times on MNIST
-(`seconds` of the rows measure the same, per run): x1.34 (SGD-momentum), x1.39 (AdamW), x1.45-1.69 (DP-SGD with
+Cost: the committed rows were run before `seconds` became CPU time, so their `seconds` are wall time on a machine
+shared with other jobs (identical plain runs took 14-77 s) and say nothing about overhead; measured instead as CPU
+time of GeN against a plain run of the same optimizer, 160 steps alternated three times on MNIST: x1.34 (SGD-momentum), x1.39 (AdamW), x1.45-1.69 (DP-SGD with
 512-row private probes): three forward passes every four steps are 35-40% of a step of this CNN on a CPU, where
 the backward pass costs little more than the forward; the 35% target is met only at the margin.
 """
