@@ -140,5 +140,7 @@ def test_bad_requests_are_refused():
         nested_map_front(objective, metrics[:1], 2)
     with pytest.raises(ExpungeError, match="share one goal"):
         nested_map_front(objective, [Metric.accuracy("t0"), Metric("t1", goal="min")], 2)
+    with pytest.raises(ExpungeError, match="box \\[0, 1\\]"):
+        nested_map_front(objective, metrics, 2, bounds=(0.0, 1.5))
     with pytest.raises(ExpungeError, match="unknown search"):
         map_front(objective, metrics, 2, search="random")

@@ -39,7 +39,9 @@ def test_every_method_finds_a_front_and_materialises_a_merge(setup, method):
     assert result.method == method and result.front and result.n_evaluations > 0
     json.loads(json.dumps(result.to_dict()))
     merged_vectors = process(vectors, method)
-    state, point = materialise(merged_vectors, result, {"a": 2, "b": 1})
+    state, point = materialise(vectors, result, {"a": 2, "b": 1})  # processed as the method did
+    again, _ = materialise(merged_vectors, result, {"a": 2, "b": 1})  # or processed already
+    assert all(torch.equal(state[k], again[k]) for k in state)
     expected = merged_vectors.merge(point["c"])
     assert all(torch.equal(state[k], expected[k]) for k in expected)
     model = load_state(base, state)
@@ -48,9 +50,10 @@ def test_every_method_finds_a_front_and_materialises_a_merge(setup, method):
 
 def test_materialise_refuses_vectors_the_front_was_not_found_for(setup):
     base, vectors, evaluate = setup
-    result = find_front(vectors, evaluate, [Metric.accuracy("a"), Metric.accuracy("b")], "ties")
+    result = find_front(vectors, evaluate, [Metric.accuracy("a"), Metric.accuracy("b")], "map")
+    other = TaskVectors.from_models(base, [nudged(base, 7, scale=0.06), nudged(base, 8, scale=0.06)], names=["a", "b"])
     with pytest.raises(ExpungeError, match="not the ones the front was found for"):
-        materialise(vectors, result)
+        materialise(other, result)
 
 
 def test_one_hot_points_measure_the_fine_tuned_models(setup):

@@ -49,3 +49,12 @@ def test_tradeoff_can_extrapolate_past_the_deletion_when_asked():
         tradeoff_front(before, after, evaluate, FORGET, RETAIN, bounds=(0.0, 0.5))
     with pytest.raises(ExpungeError, match="different names"):
         tradeoff_front(before, after, evaluate, FORGET, Metric.accuracy("forget"))
+
+
+def test_the_chosen_tradeoff_point_materialises():
+    from expunge.merge import interpolation, materialise
+
+    before, after, evaluate = family()
+    result = tradeoff_front(before, after, evaluate, FORGET, RETAIN)
+    state, point = materialise(interpolation(before, after), result, {"forget": 1.0, "retain": 1.0})
+    assert evaluate(state)["forget"] == pytest.approx(point["predicted"]["forget"], abs=0.02)

@@ -91,7 +91,9 @@ def test_a_model_from_another_base_is_refused_unless_asked():
     stranger = cnn(1)  # same architecture, independent initialisation
     with pytest.raises(ExpungeError, match="does not look fine-tuned from this base"):
         TaskVectors.from_models(base, [nudged(base, 1), stranger])
-    assert len(TaskVectors.from_models(base, [stranger], max_relative_change=None)) == 1
+    assert len(TaskVectors.from_models(base, [stranger], min_cosine=None)) == 1
+    far = nudged(base, 2, scale=0.15)  # moved further than the stranger lies (5.6 vs 4.4), yet along the base
+    assert len(TaskVectors.from_models(base, [far])) == 1
 
 
 def test_empty_model_list_and_bad_names_are_refused():

@@ -6,7 +6,7 @@ from .evaluation import Evaluations, merge_objective, module_evaluator
 from .front import hypervolume, igd, non_dominated, pick, thin
 from .map import bayesian_map_front, map_front, nested_map_front
 from .objectives import Metric
-from .pipeline import METHODS, find_front, materialise, process
+from .pipeline import METHODS, find_front, materialise, process, reprocess
 from .result import FrontResult
 from .surrogate import Quadratic, fit_quadratic, quadratic_features, r_squared
 from .ties_dare import dare, ties
@@ -17,4 +17,4 @@ __all__ = ["TaskVectors", "interpolation", "load_state", "state_hash", "state_of
            "Quadratic", "fit_quadratic", "quadratic_features", "r_squared", "Evaluations", "merge_objective",
            "module_evaluator", "map_front", "bayesian_map_front", "nested_map_front", "grid_front",
            "shared_coefficient_front", "non_dominated", "igd", "hypervolume", "thin", "pick", "FrontResult",
-           "tradeoff_front", "measured_tradeoff", "find_front", "materialise", "process", "METHODS"]
+           "tradeoff_front", "measured_tradeoff", "find_front", "materialise", "process", "reprocess", "METHODS"]

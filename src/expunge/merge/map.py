@@ -204,8 +204,9 @@ def nested_map_front(objective: Objective | Evaluations, metrics: Sequence[Metri
     if len({m.goal for m in metrics}) != 1:
         raise ExpungeError("nested MAP averages the metrics of merged tasks, so all must share one goal "
                            "(all maximised or all minimised)")
-    if not (bounds[0] <= 0 and bounds[1] >= 1):
-        raise ExpungeError(f"nested MAP starts from each fine-tuned model (c one-hot); bounds {bounds} exclude it")
+    if tuple(bounds) != (0.0, 1.0):
+        raise ExpungeError(f"nested MAP runs in the box [0, 1]: it starts from each fine-tuned model (c one-hot) and "
+                           f"scales merged models by d in [0, 1], which keeps every c inside; got bounds {bounds}")
     ev = evaluations(objective, n_vars, bounds)
     weights = preference_weights(preferences, metrics)
     eye = np.eye(n_vars)

@@ -5,7 +5,7 @@
   ties, dare                        MAP on TIES- or DARE-processed task vectors;
   grid, task-arithmetic             the evaluated baselines.
 ``materialise(vectors, result, preferences)`` picks the front point the preferences favour and returns
-the merged state dict (of the vectors the front was found for: process them the same way first).
+the merged state dict, processing the plain vectors as the front's method did (TIES, DARE).
 """
 
 from __future__ import annotations
@@ -63,14 +63,29 @@ def find_front(vectors: TaskVectors, evaluate_state: StateEvaluator, metrics: Se
     return result
 
 
+def reprocess(vectors: TaskVectors, processing: Mapping) -> TaskVectors:
+    """Plain ``vectors`` processed as ``processing`` (a TaskVectors.processing record) says."""
+    if vectors.processing or not processing:
+        return vectors
+    if set(processing) - {"ties", "dare"}:
+        raise ExpungeError(f"unknown task-vector processing {sorted(processing)}")
+    if "ties" in processing:
+        vectors = ties(vectors, **processing["ties"])
+    if "dare" in processing:
+        vectors = dare(vectors, **processing["dare"])
+    return vectors
+
+
 def materialise(vectors: TaskVectors, result: FrontResult,
                 preferences: Mapping[str, float] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(merged state dict, the chosen front point) for ``preferences`` ({metric: weight}).
 
-    ``vectors`` must be the ones the front was found for (``process(vectors, method, ...)``)."""
+    ``vectors``: the plain task vectors the front was found for (processed here as its method did), or
+    the processed ones; either way their hashes must match the front's record."""
     point = result.choose(preferences)
+    vectors = reprocess(vectors, result.details.get("vectors", {}).get("processing", {}))
     expected = result.details.get("vectors", {}).get("hashes")
     if expected is not None and expected != vectors.hashes():
-        raise ExpungeError("these task vectors are not the ones the front was found for (their hashes differ); "
-                           "process them as the method did (merge.pipeline.process) before materialising")
+        raise ExpungeError("these task vectors are not the ones the front was found for (their hashes differ): "
+                           "build them from the same base and models")
     return vectors.merge(point["c"], result.bounds), point

@@ -5,6 +5,7 @@ after it form a one-coefficient family: c = 0 is the model before, c = 1 the one
 extrapolates past the deletion. Scored on a forget metric (to minimise, e.g. accuracy on the deleted
 rows) and a retain metric (to maximise, e.g. test accuracy), its front is the trade-off curve. MAP
 fits it from a few evaluated merges; ``measured_tradeoff`` evaluates a grid of c for the true curve.
+``pipeline.materialise(interpolation(before, after), result, preferences)`` gives the chosen model.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def tradeoff_front(before: nn.Module | State, after: nn.Module | State, evaluate
     ``points`` merges (default 6), the front on a dense grid of c. ``evaluate_state`` returns both
     metrics by name for a state dict."""
     _check(forget, retain, bounds)
-    objective = merge_objective(interpolation(before, after), evaluate_state, bounds)
-    result = map_front(objective, [forget, retain], 1, points=points, heldout=heldout, bounds=bounds, search="grid",
-                       seed=seed)
+    family = interpolation(before, after)
+    result = map_front(merge_objective(family, evaluate_state, bounds), [forget, retain], 1, points=points,
+                       heldout=heldout, bounds=bounds, search="grid", seed=seed)
     result.method = "tradeoff-map"
+    result.details["vectors"] = family.describe()
     return result
 
 
@@ -47,7 +49,8 @@ def measured_tradeoff(before: nn.Module | State, after: nn.Module | State, evalu
                       steps: int = 21) -> FrontResult:
     """The trade-off measured at ``steps`` evenly spaced c (every one evaluated)."""
     _check(forget, retain, bounds)
-    objective = merge_objective(interpolation(before, after), evaluate_state, bounds)
-    result = grid_front(objective, [forget, retain], 1, steps=steps, bounds=bounds)
+    family = interpolation(before, after)
+    result = grid_front(merge_objective(family, evaluate_state, bounds), [forget, retain], 1, steps=steps, bounds=bounds)
     result.method = "tradeoff-grid"
+    result.details["vectors"] = family.describe()
     return result
