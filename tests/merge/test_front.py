@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from expunge import ExpungeError
-from expunge.merge import Metric, hypervolume, igd, non_dominated, pick, thin
+from expunge.merge import Metric, hypervolume, igd, igd_plus, non_dominated, pick, thin
 
 ACC = [Metric.accuracy("a"), Metric.accuracy("b")]
 
@@ -25,6 +25,9 @@ def test_igd_is_the_mean_distance_from_each_reference_point():
     F = np.array([[1.0, 0.0], [0.0, 0.9]])
     assert igd(F, reference, ACC) == pytest.approx(0.05)
     assert igd(np.array([[0.5, 0.5]]), reference, ACC) == pytest.approx(np.sqrt(0.5))
+    better = np.array([[1.0, 0.2], [0.2, 1.0]])  # beats both reference points: IGD counts that, IGD+ does not
+    assert igd(better, reference, ACC) == pytest.approx(0.2) and igd_plus(better, reference, ACC) == 0.0
+    assert igd_plus(F, reference, ACC) == pytest.approx(0.05)
 
 
 def test_hypervolume_of_rectangles():

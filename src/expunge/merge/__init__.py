@@ -3,7 +3,7 @@ evaluated baselines, front quality, and the forgetting trade-off between a model
 
 from .baselines import grid_front, shared_coefficient_front
 from .evaluation import Evaluations, merge_objective, module_evaluator
-from .front import hypervolume, igd, non_dominated, pick, thin
+from .front import hypervolume, igd, igd_plus, non_dominated, pick, thin
 from .map import bayesian_map_front, map_front, nested_map_front
 from .objectives import Metric
 from .pipeline import METHODS, find_front, materialise, process, reprocess
@@ -16,5 +16,5 @@ from .vectors import TaskVectors, interpolation, load_state, state_hash, state_o
 __all__ = ["TaskVectors", "interpolation", "load_state", "state_hash", "state_of", "ties", "dare", "Metric",
            "Quadratic", "fit_quadratic", "quadratic_features", "r_squared", "Evaluations", "merge_objective",
            "module_evaluator", "map_front", "bayesian_map_front", "nested_map_front", "grid_front",
-           "shared_coefficient_front", "non_dominated", "igd", "hypervolume", "thin", "pick", "FrontResult",
+           "shared_coefficient_front", "non_dominated", "igd", "igd_plus", "hypervolume", "thin", "pick", "FrontResult",
            "tradeoff_front", "measured_tradeoff", "find_front", "materialise", "process", "reprocess", "METHODS"]

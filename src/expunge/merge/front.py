@@ -35,6 +35,16 @@ def igd(F, reference, metrics: Sequence[Metric]) -> float:
     return float(IGD(minimised(reference, metrics))(minimised(F, metrics)))
 
 
+def igd_plus(F, reference, metrics: Sequence[Metric]) -> float:
+    """IGD+ (Ishibuchi et al. 2015, pymoo): like IGD, but a front point better than a reference point in some
+    metric is not penalised for it, so a front that beats the reference is not scored as far from it."""
+    from pymoo.indicators.igd_plus import IGDPlus
+
+    if len(F) == 0 or len(reference) == 0:
+        raise ExpungeError("IGD+ needs a non-empty front and a non-empty reference front")
+    return float(IGDPlus(minimised(reference, metrics))(minimised(F, metrics)))
+
+
 def hypervolume(F, reference_point, metrics: Sequence[Metric]) -> float:
     """Volume dominated by F and bounded by ``reference_point`` (given in metric orientation: for
     accuracies, a point below the front), by pymoo. Points that do not dominate it add nothing."""
