@@ -106,6 +106,9 @@ class TaskVectors:
         about 0). The cosine is taken over all floating-point entries; distances do not separate the two
         cases, as a briefly trained base can move further in fine-tuning than to another initialisation.
         ``min_cosine=None`` skips that check.
+
+        The base's and models' tensors are referenced, not copied (language models are large): do not
+        change them in place while their task vectors are in use.
         """
         if len(models) == 0:
             raise ExpungeError("no models to merge; give at least one fine-tuned model besides the base")
