@@ -53,8 +53,8 @@ c = 1: 59 / 56 / 36%; DARE at c = 1: 24 / 28 / 19%), and MAP on them finds worse
 DARE's surrogate R^2 0.74 on the inverted task). Forgetting trade-off (8 merges against 16 measured):
 IGD 0.025 (Fisher) and 0.019 (fine-tuning), R^2 0.999 for the forget accuracy and 0.89 for the test
 accuracy, which moves by under 2 points along the whole curve. The curves answer the user's question:
-Fisher's forgetting is complete by c = 0.8 (0.6% on the deleted class), the rest of the step costs
-test accuracy for nothing; fine-tuning stops at 39.6% (c = 1), and going past it to c = 1.5 forgets the
+Fisher's forgetting is complete by c = 0.8 (0.6% on the deleted class; the rest of the step moves test
+accuracy by 0.1 point); fine-tuning stops at 39.6% (c = 1), and going past it to c = 1.5 forgets the
 class almost entirely (1.2%) for 2.2 points of test accuracy.
 
 `--limit N` is a smoke run: fewer training steps and rows, 300 test images per task, a 5^3 grid.
