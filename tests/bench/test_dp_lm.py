@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("opacus")
 
-from expunge.bench import dp_lm as bench  # noqa: E402
+from expunge.bench import dp_lm as bench
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -6,7 +6,6 @@ adapters through peft; a threshold at the median per-row norm, so that some rows
 """
 import copy
 import math
-import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -15,9 +14,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from expunge.privacy import causal_lm_loss, make_private  # noqa: E402
+from expunge.errors import ExpungeError
+from expunge.privacy import causal_lm_loss, make_private
 
-from .tiny_lms import ARCHITECTURES, VOCAB, build, with_lora  # noqa: E402
+from .tiny_lms import ARCHITECTURES, VOCAB, build, with_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier 0")
 
@@ -277,3 +277,14 @@ def test_gradient_checkpointing_stays_exact():
     model.gradient_checkpointing_enable()
     model.train()
     check(model, "layer-wise")
+
+
+def test_public_phase_of_a_language_model_without_batch_loss_is_refused_before_training():
+    model = build("gpt2", tied=True, seed=11)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), batch(seed=11), batch_size=3,
+                          noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(ExpungeError, match="batch_loss"):
+        engine.pretrain_public(batch(seed=12), batch_size=3)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert engine.epsilon(1e-5) == 0.0 and not engine.phases

@@ -1,7 +1,7 @@
 """The Updater protocol and the UpdateReport every update returns.
 
 An Updater knows how to turn a model trained on one set of rows into the model trained on another.
-``fit`` trains and returns a Fitted run (see fitted.py); ``update`` is the method itself.
+``fit`` trains and returns a run (see fitted.py); ``update`` is the method itself.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from ..data import IndexedDataset
-    from ..recipe import TrainRecipe
     from ..train import Workspace
     from ..trajectory import Trajectory
-    from .fitted import Fitted
 
 
 @dataclass
@@ -40,6 +37,7 @@ class UpdateReport:
     guarantee: dict
     metrics: dict = field(default_factory=dict)
     version: int | None = None
+    notes: list[str] = field(default_factory=list)  # what the run repaired before this request
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,13 +66,3 @@ class Updater(Protocol):
         updater sets ``writes_trajectory = False``) and the guarantee figures. ``w`` is the current
         model, for methods that start from it."""
         ...
-
-
-class FitMixin:
-    """``Updater.fit(data, recipe) -> Fitted``: train once, recording what this method needs."""
-
-    def fit(self, data: "IndexedDataset", recipe: "TrainRecipe", out=None, test=None, source=None,
-            progress: bool = False) -> "Fitted":
-        from .fitted import Fitted
-
-        return Fitted.train(data, recipe, updater=self, out=out, test=test, source=source, progress=progress)

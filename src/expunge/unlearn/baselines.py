@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import ExpungeError
 from ..train import Workspace, sgd_step
-from .base import FitMixin
+from .fitted import FitMixin
 
 
 def _batches(rows: np.ndarray, batch_size: int, rng: np.random.Generator):

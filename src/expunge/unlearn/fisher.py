@@ -23,7 +23,7 @@ from torch.func import grad, vmap
 
 from ..errors import ExpungeError
 from ..train import Workspace
-from .base import FitMixin
+from .fitted import FitMixin
 
 NEWTON_MAX_PARAMS = 4000
 

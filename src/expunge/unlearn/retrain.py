@@ -9,7 +9,7 @@ import torch
 
 from ..train import Workspace, train
 from ..trajectory import Trajectory
-from .base import FitMixin
+from .fitted import FitMixin
 
 
 class Retrain(FitMixin):

@@ -1,88 +1,16 @@
-"""The `expunge` command line end to end on scikit-learn's digits (small settings, for speed).
+"""The `expunge` command line end to end on scikit-learn's digits (small settings, for speed): train, forget, add.
 
 Bad inputs must exit with code 2, say what is wrong without a traceback, and leave the run
 directory byte-for-byte as it was.
 """
 
-import hashlib
 import json
-import shutil
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from expunge.cli import app
-from expunge.data import load_dataset
-
-TRAIN = ["--epochs", "4", "--batch-size", "256"]
-N_TRAIN = 1437  # digits' 80% training split
-N_FEATURES = 64
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def squash(text: str) -> str:
-    """Rich wraps long lines at the console width; compare text with all whitespace removed."""
-    return "".join(text.split())
-
-
-def snapshot(run) -> dict:
-    """sha256 of every file under the run directory except the lock file."""
-    return {
-        p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(run.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
-
-
-def assert_clean_failure(result, *words):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    assert "error:" in result.stderr
-    for word in words:
-        assert squash(word) in squash(result.output), (word, result.output)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One training run shared by the module (read-only: tests that change a run use `run`)."""
-    root = tmp_path_factory.mktemp("trained")
-    run, report = root / "run", root / "train.json"
-    result = invoke("train", "--data", "digits", "--out", run, *TRAIN, "--json", report)
-    return run, report, result
-
-
-@pytest.fixture
-def run(trained, tmp_path):
-    """A private copy of the trained run directory."""
-    copy = tmp_path / "run"
-    shutil.copytree(trained[0], copy, ignore=shutil.ignore_patterns(".lock"))
-    return copy
-
-
-@pytest.fixture(scope="module")
-def digits_train():
-    return load_dataset("digits")[0]
-
-
-def write_ids(path, ids):
-    path.write_text("# ids to forget\n" + ",\n".join(str(int(i)) for i in ids) + "\n")
-    return path
-
-
-def write_rows(path, n_rows, n_features, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.random((n_rows, n_features)).round(4)
-    y = np.arange(n_rows) % 10
-    path.write_text("\n".join(",".join([*map(str, x), str(label)]) for x, label in zip(X, y)) + "\n")
-    return path
-
-
-# ----------------------------------------------------------------------------- train
+from ..bench.shared_data import DATA
+from .helpers import N_FEATURES, N_TRAIN, TRAIN, assert_clean_failure, invoke, snapshot, squash, write_ids, write_rows
 
 
 def test_train_writes_a_run_and_json(trained):
@@ -102,9 +30,6 @@ def test_train_writes_a_run_and_json(trained):
     assert report["metrics"]["rows"] == N_TRAIN
     assert 0.5 < report["metrics"]["test_acc"] <= 1.0
     assert squash("trained logreg on 1437 rows") in squash(result.stdout)
-
-
-# ----------------------------------------------------------------------------- forget / add
 
 
 def test_forget_ratio_prints_and_writes_a_report_closer_to_retraining(run, tmp_path):
@@ -148,37 +73,6 @@ def test_add_rows_from_csv_without_id_column(run, tmp_path, digits_train):
     assert len(report["ids"]) == 5
     assert min(report["ids"]) > digits_train.ids.max()  # fresh ids
     assert report["metrics"]["rows"] == N_TRAIN + 5
-
-
-def test_info_json_to_stdout(trained):
-    result = invoke("info", trained[0], "--json", "-")
-    assert result.exit_code == 0, result.output
-    start = result.stdout.index('{\n  "run"')
-    summary, _ = json.JSONDecoder().raw_decode(result.stdout, start)
-    assert summary["version"] == 1
-    assert summary["rows"] == N_TRAIN and summary["rows_deleted"] == 0 and summary["rows_added"] == 0
-    assert summary["recipe"]["epochs"] == 4
-    assert summary["method"]["name"] == "deltagrad"
-    assert 0.5 < summary["test_acc"] <= 1.0
-
-
-def test_ledger_lists_train_forget_add_in_order(run, tmp_path):
-    assert invoke("forget", run, "--ratio", "0.01", "--no-compare", "--quiet").exit_code == 0
-    rows = write_rows(tmp_path / "rows.csv", 3, N_FEATURES)
-    assert invoke("add", run, "--rows", rows, "--no-compare", "--quiet").exit_code == 0
-    out = tmp_path / "ledger.json"
-    result = invoke("ledger", run, "--json", out)
-    assert result.exit_code == 0, result.output
-    entries = json.loads(out.read_text())
-    assert [e["kind"] for e in entries] == ["train", "forget", "add"]
-    assert [e["version"] for e in entries] == [1, 2, 3]
-    assert entries[2]["n_rows"] == 3
-    info = invoke("info", run, "--json", "-")
-    summary, _ = json.JSONDecoder().raw_decode(info.stdout, info.stdout.index('{\n  "run"'))
-    assert summary["rows_added"] == 3 and summary["rows_deleted"] == 14
-
-
-# ----------------------------------------------------------------------------- bad inputs
 
 
 def test_unknown_id_is_a_clean_error(run, tmp_path):
@@ -250,11 +144,6 @@ def test_forget_with_another_dataset_is_a_clean_error(run, tmp_path):
     assert snapshot(run) == before
 
 
-def test_not_a_run_directory_is_a_clean_error(tmp_path):
-    result = invoke("info", tmp_path)
-    assert_clean_failure(result, "not a run directory")
-
-
 def test_negative_seed_on_train_is_a_clean_error(tmp_path):
     result = invoke("train", "--data", "digits", "--out", tmp_path / "new", *TRAIN, "--seed", "-1")
     assert_clean_failure(result, "seed")
@@ -266,49 +155,6 @@ def test_negative_seed_on_forget_is_a_clean_error(run):
     result = invoke("forget", run, "--ratio", "0.01", "--seed", "-1")
     assert_clean_failure(result, "seed")
     assert snapshot(run) == before
-
-
-# ----------------------------------------------------------------------------- bench
-
-BENCH_KEYS = {"task", "ratio", "T0", "j0", "m", "retrain_s", "deltagrad_s", "speedup", "speedup_bound",
-              "dist_full_retrain", "dist_deltagrad_retrain", "acc_retrain", "acc_deltagrad"}
-
-
-def test_bench_deltagrad_on_a_small_fake_mnist(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "data" / "mnist").mkdir(parents=True)
-    np.savez(tmp_path / "data" / "mnist" / "mnist.npz",
-             x_train=rng.integers(0, 256, (800, 28, 28), dtype=np.uint8), y_train=rng.integers(0, 10, 800),
-             x_test=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 200))
-    out = tmp_path / "results" / "bench.json"
-    result = invoke("bench", "deltagrad", "--data", tmp_path / "data", "--limit", "600", "--repeats", "1",
-                    "--json", out)
-    assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())
-    assert isinstance(rows, list) and rows
-    for row in rows:
-        assert BENCH_KEYS <= set(row), BENCH_KEYS - set(row)
-        assert row["retrain_s"] > 0 and row["deltagrad_s"] > 0 and row["speedup_bound"] >= 1
-        assert 0 <= row["acc_retrain"] <= 1 and 0 <= row["acc_deltagrad"] <= 1
-    assert {r["task"] for r in rows} == {"delete", "add"}
-    png = out.with_suffix(".png")
-    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_bench_without_mnist_is_a_clean_error(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    result = invoke("bench", "deltagrad", "--data", empty, "--json", tmp_path / "out.json")
-    assert_clean_failure(result, "mnist.npz")
-    assert not (tmp_path / "out.json").exists()
-
-
-def test_unknown_benchmark_is_a_clean_error(tmp_path):
-    result = invoke("bench", "nope", "--data", tmp_path)
-    assert_clean_failure(result, "unknown benchmark 'nope'")
-
-
-# ----------------------------------------------------------------------------- certified removal
 
 
 def test_certified_train_and_forget_report_the_certificate(tmp_path):
@@ -340,9 +186,6 @@ def test_certified_with_an_mlp_is_a_clean_error(tmp_path):
     assert_clean_failure(result, "linear model")
 
 
-# ----------------------------------------------------------------------------- SISA
-
-
 def test_sisa_train_and_forget_is_exact(tmp_path):
     run = tmp_path / "sisa"
     result = invoke("train", "--data", "digits", "--out", run, "--method", "sisa", "--shards", "3", "--slices", "2",
@@ -361,37 +204,6 @@ def test_sisa_train_and_forget_is_exact(tmp_path):
 def test_deltagrad_with_adam_is_a_clean_error(tmp_path):
     result = invoke("train", "--data", "digits", "--out", tmp_path / "r", *TRAIN, "--optimizer", "Adam")
     assert_clean_failure(result, "plain SGD", "sisa")
-
-
-# ----------------------------------------------------------------------------- Fisher forgetting and evaluate
-
-
-def test_forget_a_class_with_fisher_then_evaluate_against_retraining(tmp_path):
-    args = ["--model", "mlp", "--hidden", "16", "--epochs", "4", "--batch-size", "64", "--dtype", "float32"]
-    original = tmp_path / "original"
-    assert invoke("train", "--data", "digits", "--out", original, *args).exit_code == 0
-    scrubbed, reference = tmp_path / "scrubbed", tmp_path / "reference"
-    for copy_to in (scrubbed, reference):
-        shutil.copytree(original, copy_to)
-    result = invoke("forget", scrubbed, "--class", "3", "--method", "fisher", "--json", tmp_path / "f.json")
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "f.json").read_text())["guarantee"]["classes_dropped"] == [3]
-    assert invoke("forget", reference, "--class", "3", "--method", "retrain", "--no-compare").exit_code == 0
-    report = tmp_path / "report"
-    result = invoke("evaluate", scrubbed, "--reference", reference, "--original", original, "--out", report,
-                    "--json", tmp_path / "e.json")
-    assert result.exit_code == 0, result.output
-    figures = json.loads((tmp_path / "e.json").read_text())
-    assert figures["model"]["forget_acc"] == 0.0  # the class is gone
-    assert {"kl_to_retrain", "mia_auc", "relearn_steps"} <= set(figures["model"])
-    assert (report / "report.md").exists() and (report / "report.png").exists()
-    # after scrubbing there is no trajectory: DeltaGrad says what to do
-    assert_clean_failure(invoke("forget", scrubbed, "--ratio", "0.01"), "retrain")
-
-
-def test_evaluate_without_deletions_is_a_clean_error(trained):
-    run, _, _ = trained
-    assert_clean_failure(invoke("evaluate", run), "no forget set")
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -417,7 +229,7 @@ def test_ids_too_large_and_string_labels_are_clean_errors(run, tmp_path):
     assert_clean_failure(invoke("forget", run, "--ids", ids), "integers")
     rows = tmp_path / "rows.npz"
     np.savez(rows, X=np.zeros((2, N_FEATURES)), y=np.array(["a", "b"]))
-    assert_clean_failure(invoke("add", run, "--rows", rows), "integer labels")
+    assert_clean_failure(invoke("add", run, "--rows", rows), "labels must be integers")
     assert snapshot(run) == before
 
 
@@ -429,8 +241,6 @@ def test_a_fisher_run_uses_the_settings_given_on_forget(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["guarantee"]["lam"] == 1e-6
 
-
-# ----------------------------------------------------------------------------- private training
 
 def test_private_train_records_epsilon_and_forget_retrains_privately(tmp_path):
     run = tmp_path / "dp"
@@ -461,3 +271,127 @@ def test_bad_private_settings_are_clean_errors(tmp_path, extra, words):
     result = invoke("train", "--data", "digits", "--out", tmp_path / "dp", "--dp", *extra)
     assert_clean_failure(result, *words)
     assert not (tmp_path / "dp").exists()
+
+
+# ----------------------------------------------------------------------------- text tables read strictly
+
+WORK = ["State-gov", "Private", "Self-emp", "?"]
+SCHOOL = ["Bachelors", "HS-grad", "Masters", "11th"]
+
+
+def write_adult_like(path, n_rows, seed=0, labels=("<=50K", ">50K"), work=WORK):
+    """Rows shaped like UCI Adult: ', '-separated, no header, text columns, '?' for missing, text labels."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n_rows):
+        age, school = int(rng.integers(18, 80)), SCHOOL[rng.integers(len(SCHOOL))]
+        rich = (age > 40) + (school in ("Bachelors", "Masters")) + rng.random() > 1.5
+        lines.append(f"{age}, {work[rng.integers(len(work))]}, {int(rng.integers(10_000, 400_000))}, {school}, "
+                     f"{labels[int(rich)]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+ADULT_OPTIONS = ["--encode-categories", "--encode-labels", "--missing", "impute", "--standardize"]
+
+
+def test_a_table_with_categories_and_missing_values_trains_reopens_and_adds(tmp_path):
+    table, run = write_adult_like(tmp_path / "adult.data", 120), tmp_path / "run"
+    result = invoke("train", "--data", table, "--out", run, "--epochs", "2", "--batch-size", "32", *ADULT_OPTIONS)
+    assert result.exit_code == 0, result.output
+    output = squash(result.output)
+    for said in ("delimiter:comma(inferred", "header:none(inferred", "label:column4,thelast(thedefault",
+                 "'<=50K'->0,'>50K'->1", "imputedmissingcells"):
+        assert said in output, said
+    read = json.loads((run / "manifest.json").read_text())["data"]["read"]
+    assert read["classes"] == ["<=50K", ">50K"] and read["delimiter"] == "," and read["header"] is False
+    assert [f["kind"] for f in read["features"]] == ["numeric", "categorical", "numeric", "categorical"]
+    info = invoke("info", run, "--json", "-")  # re-reads the table with the recorded spec: same fingerprint
+    assert info.exit_code == 0, info.output
+    rows = write_adult_like(tmp_path / "rows.csv", 3, seed=1)
+    out = tmp_path / "add.json"
+    result = invoke("add", run, "--rows", rows, "--json", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["metrics"]["rows"] == 123
+    result = invoke("forget", run, "--ratio", "0.02", "--no-compare")  # reopens base table and added rows
+    assert result.exit_code == 0, result.output
+
+
+def test_a_moved_table_is_read_with_the_recorded_spec(tmp_path):
+    table, run = write_adult_like(tmp_path / "adult.data", 80), tmp_path / "run"
+    assert invoke("train", "--data", table, "--out", run, "--epochs", "1", *ADULT_OPTIONS).exit_code == 0
+    moved = tmp_path / "elsewhere.data"
+    table.rename(moved)
+    assert_clean_failure(invoke("forget", run, "--ratio", "0.05"), "not found")
+    result = invoke("forget", run, "--ratio", "0.05", "--no-compare", "--data", moved)
+    assert result.exit_code == 0, result.output
+
+
+def test_new_rows_with_an_unknown_category_are_a_clean_error(tmp_path):
+    table, run = write_adult_like(tmp_path / "adult.data", 60), tmp_path / "run"
+    assert invoke("train", "--data", table, "--out", run, "--epochs", "1", *ADULT_OPTIONS).exit_code == 0
+    rows = write_adult_like(tmp_path / "rows.csv", 2, work=["Never-worked"])
+    before = snapshot(run)
+    assert_clean_failure(invoke("add", run, "--rows", rows), "'Never-worked'", "a category the training table does not have")
+    assert_clean_failure(invoke("add", run, "--rows", rows, "--delimiter", "tab"), "drop the reading options")
+    assert snapshot(run) == before
+
+
+def test_a_table_of_text_is_refused_with_the_options_that_read_it(tmp_path):
+    table = write_adult_like(tmp_path / "adult.data", 40)
+    assert_clean_failure(invoke("train", "--data", table, "--out", tmp_path / "r", *TRAIN), "missing value", "--missing impute")
+    assert_clean_failure(invoke("train", "--data", table, "--out", tmp_path / "r", *TRAIN, "--missing", "drop"),
+                         "labels", "hold text", "--encode-labels")
+    assert_clean_failure(invoke("train", "--data", table, "--out", tmp_path / "r", *TRAIN, "--missing", "drop",
+                                "--encode-labels"), "holds text", "--encode-categories")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_label_first_tab_file_is_refused_until_its_label_column_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    table = tmp_path / "binary.train"
+    table.write_text("".join("\t".join([str(int(rng.integers(2)))] + [f"{v:.3f}" for v in rng.normal(size=4)]) + "\n"
+                             for _ in range(50)))
+    result = invoke("train", "--data", table, "--out", tmp_path / "r", *TRAIN)
+    assert_clean_failure(result, "the last column by default", "non-integer", "--label-column")
+    assert not (tmp_path / "r").exists()
+    result = invoke("train", "--data", table, "--out", tmp_path / "r", *TRAIN, "--label-column", "0")
+    assert result.exit_code == 0, result.output
+    assert "delimiter:tab(inferred" in squash(result.output)
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["data"]["n_features"] == 4
+
+
+def test_float_labels_and_ids_are_clean_errors(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("0.1,0.2,1\n0.3,0.4,0.5\n")
+    assert_clean_failure(invoke("train", "--data", labels, "--out", tmp_path / "r", *TRAIN), "non-integer", "0.5", "line 2")
+    ids = tmp_path / "ids.csv"
+    ids.write_text("id,a,label\n1.5,0.1,1\n2,0.3,0\n")
+    assert_clean_failure(invoke("train", "--data", ids, "--out", tmp_path / "r", *TRAIN), "ids", "1.5")
+    assert not (tmp_path / "r").exists()
+
+
+def test_float_labels_in_added_rows_are_a_clean_error(run, tmp_path):
+    rows = tmp_path / "rows.npz"
+    np.savez(rows, X=np.zeros((2, N_FEATURES)), y=np.array([1.0, 2.5]))
+    before = snapshot(run)
+    assert_clean_failure(invoke("add", run, "--rows", rows), "non-integer", "2.5")
+    assert snapshot(run) == before
+
+
+def test_table_options_on_digits_are_a_clean_error(tmp_path):
+    result = invoke("train", "--data", "digits", "--out", tmp_path / "r", *TRAIN, "--delimiter", "tab")
+    assert_clean_failure(result, "--delimiter applies to text tables")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "adult").exists(), reason=f"{DATA / 'adult'} not found (set EXPUNGE_DATA)")
+def test_uci_adult_trains_from_its_own_files(tmp_path):
+    adult, run = DATA / "adult", tmp_path / "adult"
+    result = invoke("train", "--data", adult / "adult.data", "--test-data", adult / "adult.test", "--comment", "|",
+                    "--strip-label-suffix", ".", *ADULT_OPTIONS, "--out", run, "--epochs", "2", "--batch-size", "4096",
+                    "--json", tmp_path / "train.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "train.json").read_text())
+    assert report["metrics"]["rows"] == 32561
+    assert report["metrics"]["test_acc"] > 0.8  # above the 76% of always answering '<=50K'
