@@ -6,8 +6,9 @@ from .certified import CertifiedFitted, CertifiedRemoval
 from .deltagrad import DeltaGrad
 from .fisher import Fisher
 from .fitted import Fitted
+from .lm_run import LMPrivateTraining, LMRetrain, LMRun, PrivateLMRun
 from .private import PrivateFitted, PrivateTraining
-from .registry import CERTIFIED, EXACT, GRADIENT_RUN, OWN_RUN, PRIVATE, Method, register
+from .registry import CERTIFIED, EXACT, GRADIENT_RUN, LM_RUN, OWN_RUN, PRIVATE, Method, register
 from .retrain import Retrain
 from .sisa import SISA, SISAFitted
 
@@ -25,3 +26,9 @@ register(Method("fisher", Fisher, Fitted, GRADIENT_RUN, "Fisher-noise scrubbing"
 register(Method("finetune", FineTune, Fitted, GRADIENT_RUN, "fine-tuning on the remaining rows"))
 register(Method("ascent", GradientAscent, Fitted, GRADIENT_RUN,
                 "gradient ascent on the forgotten rows"))
+register(Method("lm-retrain", LMRetrain, LMRun, LM_RUN,
+                "exact retraining of a language model (what retrain means on an LM run)", reference=True,
+                keeps=(EXACT,), alias="retrain"))
+register(Method("lm-dp", LMPrivateTraining, PrivateLMRun, OWN_RUN,
+                "exact private retraining of a language model (what dp means on an LM run); runs trained with "
+                "--task lm --dp", reference=True, holds=(PRIVATE,), keeps=(PRIVATE, EXACT), alias="dp"))
