@@ -16,8 +16,8 @@ missing = [m for m in ("transformers", "tokenizers", "peft") if importlib.util.f
 pytestmark = pytest.mark.skipif(bool(missing), reason=f"the lm extra is not installed ({missing})")
 
 if not missing:
-    from expunge.lm import (LMRecipe, load_corpus, load_tokenizer, merged, prepare, train_bpe_tokenizer,
-                            train_lm, weights_hash)
+    from expunge.lm import (LMRecipe, load_corpus, load_tokenizer, merged, prepare, save_pretrained,
+                            train_bpe_tokenizer, train_lm, weights_hash)
     from expunge.lm.corpus import Corpus
     from expunge.unlearn.audit import verify_run
     from expunge.unlearn.lm_run import LMPrivateTraining, LMRun, PrivateLMRun
@@ -99,6 +99,8 @@ def test_forget_by_ids_and_by_group_retrains_exactly(tmp_path):
     reopened = RunModel.load(run.path)
     assert isinstance(reopened, LMRun) and reopened.groups() == {"author-0": {"rows": 18, "deleted": 2},
                                                                   "author-1": {"rows": 4, "deleted": 0}}
+    # a TOFU author is 20 consecutive QA pairs: its group names the current ones
+    assert reopened.group_ids("author-0").tolist() == [i for i in range(20) if i not in (3, 7)]
     report = reopened.forget(groups=["author-1"], method="retrain")
     assert report.ids == [20, 21, 22, 23] and report.metrics["groups"] == ["author-1"]
     active[20:] = False
@@ -147,6 +149,12 @@ def test_training_refuses_bad_input_before_writing(tmp_path):
     (empty_model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ExpungeError, match="no weights"):
         LMRun.train(corpus, LMRecipe(model=str(empty_model)), out=out)
+    # a model folder whose tokenizer has more tokens than the model has embedding rows
+    setup = prepare(recipe(), corpus, tokenizer=train_bpe_tokenizer(corpus.texts(), 300), tiny_config=TINY_LLAMA)
+    setup.tokenizer.add_tokens([f"<extra-{i}>" for i in range(50)])
+    mismatched = save_pretrained(setup.model, setup.tokenizer, tmp_path / "mismatched")
+    with pytest.raises(ExpungeError, match="do not belong together"):
+        LMRun.train(corpus, LMRecipe(model=str(mismatched), max_length=128), out=out)
     assert not out.exists()
 
 
