@@ -137,6 +137,7 @@ def test_bad_training_input_exits_before_writing(tmp_path):
     (tmp_path / "no-answer.json").write_text(json.dumps([{"question": "Who?", "answer": " "}]))
     for args, words in [
         ((*LM, "--hidden", "32"), ["--hidden apply to tabular runs"]),
+        ((*LM, "--method", "sisa"), ["--method apply to tabular runs"]),
         ((*LM[:4], "--tiny-config", "{oops"), ["--tiny-config must be a JSON object"]),
         ((*LM, "--max-length", "16"), ["longer than max_length 16"]),
         (("--task", "lm", "--model", str(empty)), ["no weights"]),
@@ -151,7 +152,7 @@ def test_bad_training_input_exits_before_writing(tmp_path):
 
 
 def test_lora_run_via_the_cli_with_its_corpus_moved(tmp_path):
-    run, data, result = train(tmp_path, "--lora-rank", "2", n=12)
+    run, data, result = train(tmp_path, "--lora-rank", "2", "--method", "retrain", n=12)
     assert squash("LoRA rank 2") in squash(result.stdout)
     info = invoke("info", run, "--json", tmp_path / "info.json")
     assert json.loads((tmp_path / "info.json").read_text())["lm"]["lora"]["rank"] == 2

@@ -24,7 +24,7 @@ if not missing:
 
     from ..lm.tiny import TINY_LLAMA, qa_rows, write_qa
 
-SETTINGS = dict(max_length=128, vocab_size=300, batch_size=2, lr=0.05, epochs=2, seed=3)
+SETTINGS = {"max_length": 128, "vocab_size": 300, "batch_size": 2, "lr": 0.05, "epochs": 2, "seed": 3}
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +180,7 @@ def test_the_corpus_is_stored_when_it_has_no_source_and_tampered_weights_are_det
 
 
 def test_a_moved_source_is_named_and_another_corpus_refused(tmp_path):
-    run, corpus = train_run(tmp_path)
+    run, _ = train_run(tmp_path)
     os.rename(tmp_path / "run.json", tmp_path / "moved.json")
     with pytest.raises(ExpungeError, match="no longer exist"):
         RunModel.load(run.path)
@@ -197,7 +197,7 @@ def test_a_lora_run_keeps_only_the_adapters_initial_state_and_forgets_exactly(tm
     from safetensors import safe_open
 
     with safe_open(folder / "initial.safetensors", "pt") as f:
-        assert f.keys() and all("lora_" in k for k in f.keys())  # the base is its source, checked by hash
+        assert f.keys() and all("lora_" in k for k in f.keys())  # the base is its source, checked by hash  # noqa: SIM118 (safe_open has keys(), no __iter__)
     assert run.manifest["lm"]["base_hash"] and run.describe()["lora"]["rank"] == 2
     run.forget([5, 6])
     active = np.ones(12, bool)

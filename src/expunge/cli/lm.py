@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from ..errors import ExpungeError
 from .app import console
 from .report import print_privacy
 
 
-def parse_tiny_config(text: Optional[str]) -> Optional[dict]:
+def parse_tiny_config(text: str | None) -> dict | None:
     if text is None:
         return None
     try:
@@ -26,11 +25,11 @@ def parse_tiny_config(text: Optional[str]) -> Optional[dict]:
 
 def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: float, batch_size: int, grad_accum: int,
                  max_length: int, optimizer: str, weight_decay: float, momentum: float, schedule: str,
-                 warmup_steps: int, max_grad_norm: Optional[float], lora_rank: int, lora_alpha: Optional[float],
-                 lora_targets: Optional[str], vocab_size: int, device: Optional[str], dtype: Optional[str], seed: int,
-                 tiny_config: Optional[str], truncate_documents: bool, public_data: list[str],
-                 public_epochs: Optional[int], dp: bool, epsilon: Optional[float], delta: Optional[float],
-                 noise_multiplier: Optional[float], clip_fn: str, clipping: str, physical_batch_size: Optional[int],
+                 warmup_steps: int, max_grad_norm: float | None, lora_rank: int, lora_alpha: float | None,
+                 lora_targets: str | None, vocab_size: int, device: str | None, dtype: str | None, seed: int,
+                 tiny_config: str | None, truncate_documents: bool, public_data: list[str],
+                 public_epochs: int | None, dp: bool, epsilon: float | None, delta: float | None,
+                 noise_multiplier: float | None, clip_fn: str, clipping: str, physical_batch_size: int | None,
                  accountant: str, signing_key, quiet: bool) -> dict:
     """Read the corpus, check everything, train and write the run; returns the training's ledger report."""
     from ..lm import LMRecipe, load_corpus

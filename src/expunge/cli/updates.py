@@ -132,7 +132,8 @@ def train(
                                             "and retrain replay plain SGD. LM: adamw (default) or sgd."),
     method: str = typer.Option("deltagrad", help="Update method the run is trained for: deltagrad, retrain, "
                                "certified (a loss-perturbed linear model whose removals carry an (epsilon, delta) certificate), "
-                               "or sisa (sharded, sliced ensemble: exact deletion by retraining one shard)."),
+                               "or sisa (sharded, sliced ensemble: exact deletion by retraining one shard). With --task lm: "
+                               "retrain (the default; --dp for private retraining)."),
     T0: int = typer.Option(5, "--T0", help="DeltaGrad: period of explicit iterations after the burn-in."),
     j0: int = typer.Option(20, help="DeltaGrad: burn-in iterations computed explicitly."),
     m: int = typer.Option(2, help="DeltaGrad: L-BFGS history length."),
@@ -231,7 +232,8 @@ def train(
     if task == "lm":
         from .lm import train_lm_run
 
-        tabular_only = {"--method": method != "deltagrad", "--hidden": hidden != [64], "--lr-step": bool(lr_step),
+        tabular_only = {"--method": method not in ("deltagrad", "retrain", "lm-retrain"),  # an LM run: retraining
+                        "--hidden": hidden != [64], "--lr-step": bool(lr_step),
                         "--classes": classes is not None, "--l2-normalize": l2_normalize,
                         "--test-data": test_data is not None, "--dp-transform": dp_transform != "none",
                         "--encode-labels": encode_labels, "--encode-categories": encode_categories,

@@ -54,7 +54,7 @@ def folder_hash(folder) -> str:
     if not files:
         raise ExpungeError(f"{folder} holds no .safetensors weights")
     handles = [safe_open(f, "pt") for f in files]
-    where = sorted((name, i) for i, handle in enumerate(handles) for name in handle.keys())
+    where = sorted((name, i) for i, handle in enumerate(handles) for name in handle.keys())  # noqa: SIM118 (safe_open has keys(), no __iter__)
     return _hash_tensors((name, handles[i].get_tensor(name)) for name, i in where)
 
 

@@ -106,7 +106,7 @@ class LMRetrain:
         """Train ``model`` in place on the active rows; return the TrainResult and the privacy summary (None)."""
         return train_lm(model, data, recipe, active, progress=progress), None
 
-    def fit(self, corpus: Corpus, recipe: LMRecipe, out=None, source=None, **options) -> "LMRun":
+    def fit(self, corpus: Corpus, recipe: LMRecipe, out=None, source=None, **options) -> LMRun:
         return LMRun.train(corpus, recipe, self, out=out, source=source, **options)
 
 
@@ -249,7 +249,7 @@ class LMRun(RunModel):
     def train(cls, corpus: Corpus, recipe: LMRecipe, updater="lm-retrain", out=None, source=None, *,
               public: Corpus | None = None, public_source=None, public_epochs: int | None = None,
               tiny_config: dict | None = None, truncate_documents: bool = True, progress: bool = False,
-              signing_key=None) -> "LMRun":
+              signing_key=None) -> LMRun:
         """Train a causal LM on ``corpus`` and write a new run directory at ``out`` (a temporary one if omitted).
 
         ``updater``: ``lm-retrain`` (``retrain``), ``lm-dp`` (``dp``, give an ``LMPrivateTraining`` with its settings)
@@ -428,7 +428,7 @@ class LMRun(RunModel):
         return data, active, None
 
     @classmethod
-    def _open(cls, run, manifest, folder: Path, universe, active, test, damaged=frozenset()) -> "LMRun":
+    def _open(cls, run, manifest, folder: Path, universe, active, test, damaged=frozenset()) -> LMRun:
         model = cls(run, manifest, universe, active)
         model._model_hash = folder_hash(folder / MODEL)
         return model

@@ -200,7 +200,7 @@ class RunModel:
         raise NotImplementedError
 
     @classmethod
-    def load(cls, path, data=None, test=None, preprocessed: bool = False) -> "RunModel":
+    def load(cls, path, data=None, test=None, preprocessed: bool = False) -> RunModel:
         """Open a run directory, checking its manifest against the ledger's head and every file of the
         current version against the manifest (a damaged cache is noted in ``cache_problems``, not refused).
 
@@ -251,7 +251,7 @@ class RunModel:
         raise NotImplementedError
 
     @classmethod
-    def _open(cls, run, manifest, folder: Path, universe, active, test, damaged=frozenset()) -> "RunModel":
+    def _open(cls, run, manifest, folder: Path, universe, active, test, damaged=frozenset()) -> RunModel:
         raise NotImplementedError
 
     @staticmethod
@@ -271,7 +271,7 @@ class RunModel:
             raise ExpungeError(f"{base} is missing or corrupted; the run's training data cannot be recovered")
         return base
 
-    def save(self, path) -> "RunModel":
+    def save(self, path) -> RunModel:
         """Copy this run (current version, ledger, stored data) to a new directory and open it."""
         target = Path(path)
         if target.exists() and any(target.iterdir()):
