@@ -113,3 +113,12 @@ def test_tradeoff_records_an_update_that_verify_accepts(zoo, tmp_path):
     last = json.loads((tmp_path / "ledger.json").read_text())[-1]
     assert last["kind"] == "tradeoff" and last["reason"] == "trade-off"
     assert last["guarantee"]["by_construction"] == "none" and set(last["guarantee"]["measured"]) == {"forget", "retain"}
+
+
+def test_train_init_refuses_what_it_cannot_fine_tune(zoo, tmp_path):
+    out = tmp_path / "tuned"
+    assert_clean_failure(invoke("train", "--data", "digits", "--out", out, "--init", zoo["base"], "--dp"),
+                         "--init fine-tunes a gradient-trained run")
+    assert_clean_failure(invoke("train", "--data", "digits", "--out", out, "--init", zoo["mlp"], "--epochs", "1"),
+                         "another architecture")
+    assert not out.exists()

@@ -104,7 +104,7 @@ def test_a_merged_run_refuses_updates(zoo, tmp_path):
 def test_bad_input_is_refused_before_anything_is_written(zoo, tmp_path, case, words):
     out = tmp_path / "merged"
     models = [zoo["plain"], zoo["inverted"]]
-    kwargs = dict(method="map", out=out)
+    kwargs = {"method": "map", "out": out}
     ev = evals(zoo)
     if case == "architecture":
         models = [zoo["plain"], zoo["mlp"]]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -54,7 +53,7 @@ def _pairs(values: list[str], option: str, example: str) -> dict[str, str]:
     return pairs
 
 
-def _preferences(prefer: Optional[str]) -> Optional[dict[str, float]]:
+def _preferences(prefer: str | None) -> dict[str, float] | None:
     if prefer is None:
         return None
     out = {}
@@ -66,7 +65,7 @@ def _preferences(prefer: Optional[str]) -> Optional[dict[str, float]]:
     return out
 
 
-def _numbers(text: Optional[str], option: str, example: str) -> Optional[list[float]]:
+def _numbers(text: str | None, option: str, example: str) -> list[float] | None:
     if text is None:
         return None
     try:
@@ -104,7 +103,21 @@ def _print_outcome(outcome, what: str, quiet: bool) -> None:
                   f"{folder / 'front.png'}", highlight=False)
 
 
-@app.command(context_settings=REPEAT)
+MERGE_HELP = (
+    "Merge runs fine-tuned from one base (theta = theta_0 + sum_n c_n tau_n) and write the merged model "
+    "as a new run.\n\n"
+    "MAP fits a quadratic surrogate of each task's accuracy in c from a few evaluated merges and searches "
+    "it for the Pareto front of trade-offs between the tasks; the point --prefer favours is merged, "
+    "measured and written. The run's manifest records the base, the models, the task vectors' hashes, c, "
+    "and the predicted and measured accuracies (section 'merge'); its version folder holds front.json and "
+    "front.png. A merged run has no update method: to delete rows, forget them in the runs it merges and "
+    "merge again.\n\n"
+    "Example: expunge merge --base pre --models mnist --models fashion --eval mnist=DIR1 --eval "
+    "fashion=DIR2 --prefer mnist=2,fashion=1 --out merged"
+)
+
+
+@app.command(context_settings=REPEAT, help=MERGE_HELP)
 @friendly
 def merge(
     ctx: typer.Context,
@@ -119,34 +132,23 @@ def merge(
                                "front), bayesian-map, nested-map, ties or dare (MAP on TIES- or DARE-processed task "
                                "vectors), grid (every merge on a grid, --steps per coefficient) or task-arithmetic "
                                "(one shared coefficient)."),
-    points: Optional[int] = typer.Option(None, help="MAP: merges to fit the surrogates on (default: twice the "
+    points: int | None = typer.Option(None, help="MAP: merges to fit the surrogates on (default: twice the "
                                          "quadratic's parameters, (T+1)(T+2)); a quarter more are held out for R^2."),
     steps: int = typer.Option(11, help="grid, task-arithmetic: coefficient values per task vector."),
-    c: Optional[str] = typer.Option(None, "--c", help="Merge at these coefficients, one per model, instead of "
+    c: str | None = typer.Option(None, "--c", help="Merge at these coefficients, one per model, instead of "
                                     "searching: --c 1,0 is the first model itself (with task-arithmetic, ties, dare)."),
-    prefer: Optional[str] = typer.Option(None, help="Weights of the tasks when picking the front point: "
+    prefer: str | None = typer.Option(None, help="Weights of the tasks when picking the front point: "
                                          "task1=2,task2=1 (tasks left out weigh 0; default all alike)."),
     bounds: str = typer.Option("0,1", help="LO,HI: the box the coefficients are searched in (and --c must lie in)."),
     density: float = typer.Option(0.2, help="ties: fraction of each task vector's entries kept."),
     drop: float = typer.Option(0.5, help="dare: probability of dropping an entry."),
     seed: int = typer.Option(0, help="Seed of the design points and of DARE's drops."),
     out: Path = typer.Option(..., help="New run directory for the merged model (must not exist)."),
-    signing_key: Optional[Path] = SIGNING_KEY_OPTION,
-    json_out: Optional[str] = JSON_OPTION,
+    signing_key: Path | None = SIGNING_KEY_OPTION,
+    json_out: str | None = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ):
-    """Merge runs fine-tuned from one base (theta = theta_0 + sum_n c_n tau_n) and write the merged model as a new
-    run.
-
-    MAP fits a quadratic surrogate of each task's accuracy in c from a few evaluated merges and searches it for the
-    Pareto front of trade-offs between the tasks; the point --prefer favours is merged, measured and written. The
-    run's manifest records the base, the models, the task vectors' hashes, c, and the predicted and measured
-    accuracies (section "merge"); its version folder holds front.json and front.png. A merged run has no update
-    method: to delete rows, forget them in the runs it merges and merge again.
-
-    Example: expunge merge --base pre --models mnist --models fashion --eval mnist=DIR1 --eval fashion=DIR2
-    --prefer mnist=2,fashion=1 --out merged
-    """
+    """Merge runs fine-tuned from one base into a new run (--help: MERGE_HELP)."""
     from ..merge import merge_runs
 
     _refuse_stray(ctx)
@@ -161,7 +163,20 @@ def merge(
     write_json(json_out, outcome.to_dict())
 
 
-@app.command(context_settings=REPEAT)
+TRADEOFF_HELP = (
+    "The forgetting trade-off of a deletion: how much utility each increment of forgetting costs.\n\n"
+    "The merges theta(c) = theta_before + c (theta_after - theta_before) run from the model before (c = "
+    "0) to the one after (c = 1). Scored on the forget and retain sets, their front is the trade-off "
+    "curve; the point --prefer favours is measured and recorded as RUN's next version, an update by "
+    "method 'tradeoff' with its ledger row. Its guarantee is none by construction: the ledger records the "
+    "measured forget and retain accuracies (and front.json, front.png sit in the version folder). Exact, "
+    "certified and private runs refuse it (their guarantees would end).\n\n"
+    "Example: cp -r run run.v1; expunge forget run --ids ids.txt --method fisher; expunge tradeoff run "
+    "--before run.v1 --prefer forget=1,retain=2"
+)
+
+
+@app.command(context_settings=REPEAT, help=TRADEOFF_HELP)
 @friendly
 def tradeoff(
     ctx: typer.Context,
@@ -169,7 +184,7 @@ def tradeoff(
     before: str = typer.Option(..., help="The model before the deletion: a version of RUN, which keeps the weights "
                                "of its current version only, or (for earlier versions) a copy of RUN saved at that "
                                "version (`cp -r RUN COPY` before the update); the ledger must record the copy's model."),
-    after: Optional[str] = typer.Option(None, help="The model after it: RUN's current version (the default and the "
+    after: str | None = typer.Option(None, help="The model after it: RUN's current version (the default and the "
                                         "only choice: the chosen point becomes its next version)."),
     eval_sets: list[str] = typer.Option(["forget=deleted", "retain=test"], "--eval", help="forget=DATA and "
                                         "retain=DATA: forget accuracy is minimised, retain accuracy maximised. DATA is "
@@ -177,34 +192,24 @@ def tradeoff(
                                         "run's test split), 'rows' (its current rows)."),
     method: str = typer.Option("map", help="map (quadratic surrogates in c from a few merges) or grid (--steps "
                                "evaluated merges)."),
-    points: Optional[int] = typer.Option(None, help="map: merges to fit the surrogates on (default 6)."),
+    points: int | None = typer.Option(None, help="map: merges to fit the surrogates on (default 6)."),
     steps: int = typer.Option(21, help="grid: evaluated values of c."),
-    prefer: Optional[str] = typer.Option(None, help="Weights when picking the point: forget=1,retain=3 (default "
+    prefer: str | None = typer.Option(None, help="Weights when picking the point: forget=1,retain=3 (default "
                                          "equal)."),
     bounds: str = typer.Option("0,1", help="LO,HI: the range of c (it must contain [0, 1]; beyond 1 extrapolates "
                                "past the deletion)."),
     seed: int = typer.Option(0, help="Seed of the design points."),
-    requested_by: Optional[str] = REQUESTED_BY_OPTION,
-    reason: Optional[str] = REASON_OPTION,
-    reference: Optional[str] = REFERENCE_OPTION,
+    requested_by: str | None = REQUESTED_BY_OPTION,
+    reason: str | None = REASON_OPTION,
+    reference: str | None = REFERENCE_OPTION,
     drop_privacy: bool = DROP_PRIVACY_OPTION,
-    signing_key: Optional[Path] = SIGNING_KEY_OPTION,
+    signing_key: Path | None = SIGNING_KEY_OPTION,
     wait: float = WAIT_OPTION,
-    data: Optional[str] = DATA_OPTION,
-    json_out: Optional[str] = JSON_OPTION,
+    data: str | None = DATA_OPTION,
+    json_out: str | None = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ):
-    """The forgetting trade-off of a deletion: how much utility each increment of forgetting costs.
-
-    The merges theta(c) = theta_before + c (theta_after - theta_before) run from the model before (c = 0) to the
-    one after (c = 1). Scored on the forget and retain sets, their front is the trade-off curve; the point --prefer
-    favours is measured and recorded as RUN's next version, an update by method 'tradeoff' with its ledger row. Its
-    guarantee is none by construction: the ledger records the measured forget and retain accuracies (and front.json,
-    front.png sit in the version folder). Exact, certified and private runs refuse it (their guarantees would end).
-
-    Example: cp -r run run.v1; expunge forget run --ids ids.txt --method fisher;
-    expunge tradeoff run --before run.v1 --prefer forget=1,retain=2
-    """
+    """The forgetting front of a deletion; the chosen point becomes the run's next version (--help: TRADEOFF_HELP)."""
     from ..merge import tradeoff_run
 
     _refuse_stray(ctx)

@@ -81,7 +81,7 @@ class Fitted(RunModel):
         return lambda state: float((self.flat.predict(state["w"], X).numpy() == data.y).mean())
 
     def write_merged(self, state: dict[str, torch.Tensor], out, record: dict, files: dict[str, bytes],
-                     signing_key=None) -> "RunModel":
+                     signing_key=None) -> RunModel:
         return run_class("merge").create(self, state["w"], out, record, files, signing_key)
 
     def _workspace(self, universe: IndexedDataset) -> Workspace:
@@ -92,7 +92,7 @@ class Fitted(RunModel):
     @classmethod
     def train(cls, data: IndexedDataset, recipe: TrainRecipe, updater: "str | Updater" = "deltagrad", out=None,
               test: IndexedDataset | None = None, source: str | None = None, progress: bool = False,
-              preprocess: dict | None = None, signing_key=None, init: "Fitted | None" = None) -> "Fitted":
+              preprocess: dict | None = None, signing_key=None, init: Fitted | None = None) -> Fitted:
         """Train on ``data`` and write a new run directory at ``out`` (a temporary one if omitted).
 
         ``source`` is the spec ``load_dataset`` reads the data back from; without it the data is
@@ -119,7 +119,7 @@ class Fitted(RunModel):
 
     @classmethod
     def _train_run(cls, data: IndexedDataset, recipe: TrainRecipe, updater: Updater, out, test, source, preprocess,
-                   fit, signing_key=None, init: "Fitted | None" = None) -> "Fitted":
+                   fit, signing_key=None, init: Fitted | None = None) -> Fitted:
         """Make the run directory, train with ``fit(fitted, stage) -> (method, w, trajectory, guarantee)``
         and commit the first version (a failed training leaves no run behind)."""
         run, manifest, created, signer = cls._new_run(data, out, test, source,

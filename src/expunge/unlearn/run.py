@@ -149,7 +149,7 @@ class RunModel:
         self.architecture()
         raise NotImplementedError
 
-    def write_merged(self, state: dict, out, record: dict, files: dict[str, bytes], signing_key=None) -> "RunModel":
+    def write_merged(self, state: dict, out, record: dict, files: dict[str, bytes], signing_key=None) -> RunModel:
         """Write ``state`` as a new run at ``out`` built on this (the base) run; ``record`` goes into its manifest
         under "merge", ``files`` (name -> bytes) into its version folder."""
         self.architecture()
@@ -160,7 +160,7 @@ class RunModel:
         return {"path": str(self.path.resolve()), "run_id": self.run_id, "version": self.version,
                 "model_hash": self.manifest["model_hash"]}
 
-    def check_same_architecture(self, other: "RunModel", what: str) -> None:
+    def check_same_architecture(self, other: RunModel, what: str) -> None:
         mine, theirs = self.architecture(), other.architecture()
         if mine != theirs:
             diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
