@@ -57,7 +57,7 @@ class MergeOutcome:
 # ------------------------------------------------------------------ checks shared by both
 
 
-def _open(run: RunModel | str | Path, what: str) -> RunModel:
+def _open(run: RunModel | str | Path) -> RunModel:
     return run if isinstance(run, RunModel) else RunModel.load(run)
 
 
@@ -140,6 +140,7 @@ class _Counter:
 
     def __enter__(self):
         if self.enabled:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -148,8 +149,9 @@ class _Counter:
                 TimeElapsedColumn,
             )
 
+            # on standard error, so that `--json -` output stays clean
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), transient=True)
+                                TimeElapsedColumn(), transient=True, console=Console(stderr=True))
             self.bar.start()
             self.task = self.bar.add_task(self.description, total=self.total)
         return self
@@ -250,8 +252,8 @@ def merge_runs(base, models: Sequence, evals: Mapping[str, str | IndexedDataset]
     if len(set(paths)) != len(paths):
         raise ExpungeError("a run is given twice in --models; give each fine-tuned run once")
 
-    base = _open(base, "the base")
-    runs = [_open(m, "a model") for m in models]
+    base = _open(base)
+    runs = [_open(m) for m in models]
     names = _names(runs, names)
     if len(names) != len(runs) or len(set(names)) != len(names):
         raise ExpungeError(f"give one distinct name per model: {len(runs)} model(s), names {names}")
