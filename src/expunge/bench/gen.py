@@ -21,8 +21,8 @@ is itself a release: its tuning cost is the epsilon of the 4 grid runs composed 
 Targets (issue 12): GeN from either end within 0.5 points of the best tuned schedule on every task, and at most
 35% more wall time than one plain run (median of the grid's runs of that task and optimizer).
 
-A language-model task (tiny LM on TOFU QA, final loss instead of accuracy) joins through `lm_task` once
-`expunge.lm` has landed; until then it is listed as skipped.
+A language-model task (tiny LM on TOFU QA, final loss instead of accuracy) joins through `lm_task`; it is not
+wired yet and is listed as skipped.
 `--limit N` trains on the first N rows (a smoke run).
 
 What the committed run shows (`benchmarks/results/gen.json`; runs are seeded and single-threaded, so the accuracies
@@ -238,16 +238,12 @@ def sources(data_dir: Path, console=None) -> dict:
 
 
 def lm_task(data_dir: Path, console=None):
-    """The tiny-LM-on-TOFU task hook: None (skipped, said so) until `expunge.lm` exists. When it lands, return a
-    job-maker here whose rows report `final_test_loss` (answer-token loss on held-out TOFU QA) in place of
-    accuracy, with AdamW over the same 100x grid and GeN from either end."""
-    import importlib.util
-
-    if importlib.util.find_spec("expunge.lm") is None or not (Path(data_dir) / "tofu").exists():
-        if console is not None:
-            console.print("tiny LM on TOFU: skipped (expunge.lm has not landed yet)")
-        return None
-    raise ExpungeError("expunge.lm is present: wire the TOFU task into bench/gen.py (lm_task) before running it")
+    """The tiny-LM-on-TOFU task hook: not wired yet, so the task is listed as skipped (said so on the console and
+    in the docstring). When it is, return a job-maker here whose rows report `final_test_loss` (answer-token loss on
+    held-out TOFU QA) in place of accuracy, with AdamW over the same 100x grid and GeN from either end."""
+    if console is not None:
+        console.print("tiny LM on TOFU: skipped (not wired into this benchmark yet)")
+    return None
 
 
 def _load(found: dict, limit: int | None) -> None:
