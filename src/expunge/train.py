@@ -12,6 +12,14 @@ probe batch as in its training batch, so retraining after a deletion reproduces 
 of training from scratch on the remaining rows, and the rates never carry a removed row's influence. The applied
 rates are recorded in the trajectory (``Trajectory.rates``). DeltaGrad replays a fixed schedule, which GeN's
 rates after a deletion are not, so such runs are updated by exact retraining.
+
+The LM trainer (``expunge.lm.train_lm``) can take the same rate with the same two pieces, not wired yet: its plan
+is a BatchPlan, so ``plan.probes()`` gives the recorded probe rows of each step; wrap its optimizer in
+``GeN(optimizer, probe=closure, every=...)`` where the closure returns the mean row loss (``row_losses``) on that
+step's probe rows with dropout off (GeN needs a deterministic loss), drop the transformers schedule (GeN owns the
+rate; a horizon goes in ``GeN(schedule=...)``), step GeN only on steps that have rows (as here), and record
+``gen.rates`` in its TrainResult; ``LMRecipe`` needs ``lr_auto``/``lr_every`` fields and ``expunge lm train``
+the ``--lr auto`` option.
 """
 
 from __future__ import annotations
