@@ -18,8 +18,8 @@ is a BatchPlan, so ``plan.probes()`` gives the recorded probe rows of each step;
 ``GeN(optimizer, probe=closure, every=...)`` where the closure returns the mean row loss (``row_losses``) on that
 step's probe rows with dropout off (GeN needs a deterministic loss), drop the transformers schedule (GeN owns the
 rate; a horizon goes in ``GeN(schedule=...)``), step GeN only on steps that have rows (as here), and record
-``gen.rates`` in its TrainResult; ``LMRecipe`` needs ``lr_auto``/``lr_every`` fields and ``expunge lm train``
-the ``--lr auto`` option.
+``gen.rates`` in its TrainResult; ``LMRecipe`` needs ``lr_auto``/``lr_every`` fields, and the LM command line
+(on its own branch) an ``--lr auto`` option.
 """
 
 from __future__ import annotations
