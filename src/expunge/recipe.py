@@ -128,7 +128,7 @@ class BatchPlan:
     def for_recipe(cls, recipe: TrainRecipe, n_base: int) -> "BatchPlan":
         return cls(n_base, recipe.batch_size, recipe.epochs, recipe.seed)
 
-    def probes(self) -> "BatchPlan":
+    def probes(self) -> BatchPlan:
         """The plan of GeN's probe batches: the same rules on an independent stream, so a removed row leaves a
         hole in its probe batch and an added row joins one, exactly as in training."""
         return BatchPlan(self.n_base, self.batch_size, self.epochs, self.seed, stream=1)
