@@ -235,3 +235,16 @@ def test_auto_rate_run_records_gens_rates_and_retraining_recomputes_them_without
     np.testing.assert_array_equal(run.rates, traj.rates)
     assert not np.array_equal(run.rates, first)
     np.testing.assert_array_equal(Fitted.load(run.path).rates, traj.rates)
+
+
+def test_runs_that_do_not_take_an_automatic_rate_refuse_it(tmp_path):
+    from expunge.unlearn.certified import CertifiedRemoval
+    from expunge.unlearn.private import PrivateTraining
+    from expunge.unlearn.sisa import SISA
+
+    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.5, lr_auto=True)
+    for name, updater, match in (("sisa", SISA(shards=2), "SISA"), ("dp", PrivateTraining(epsilon=3.0), "private"),
+                                 ("certified", CertifiedRemoval(), "no learning rate")):
+        with pytest.raises(ExpungeError, match=match):
+            updater.fit(dataset(), recipe, out=tmp_path / name)
+        assert not (tmp_path / name).exists()
