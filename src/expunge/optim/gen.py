@@ -63,12 +63,13 @@ the benchmark's misses. What cheap runs show instead (MNIST small CNN, batch 128
   curvature along its own step matches its rate (the short-horizon bias of one-step-greedy rates), so each of
   these rates, 20x apart, is roughly a fixed point of GeN;
 - what makes GeN climb from a low start is the early plateau (curvature along the step below resolution:
-  "past the clip") and the clip's asymmetry (x1.1 up against x0.95 down on a spread of estimates), a drift,
-  not a signal: from 0.003, the rate was 0.0099 at step 200 (every 4), 0.016 with an estimate every step
-  (every=1, 4x the probes), and *lower* (0.0084) with 512-row probe batches: less noise, less drift;
+  "past the clip", a real signal, in the first ~100 steps) and then the clip's asymmetry (x1.1 up against x0.95
+  down on estimates spread from 0.2 to 2.6 eta), a drift: from 0.003 (SGD momentum, every 4) the rate was 0.0099
+  at step 100, 0.0124 at step 300, 0.0134 at 400; with an estimate every step (4x the probes) 0.016 / 0.028 /
+  0.027; with 512-row probe batches 0.0097 / 0.0089 / 0.0079: less noise, less drift;
 - 20-30% of the estimates see no descent along the momentum direction on a fresh batch (kept rate), with
   128 or 512 probe rows alike; 5-15% see concave descent (negative curvature, kept as the paper does;
-  treating it as "past the clip" raised the rate at step 200 only from 0.0099 to 0.0128).
+  treating it as "past the clip" raised the rate at step 300 only from 0.0124 to 0.0162).
 So GeN here is a rate tracker that moves a start within a few x, not a tuner that finds the best rate of a 100x
 range; start it near a sensible rate (or above, with a horizon) and expect the tuned schedule's accuracy only then.
 
