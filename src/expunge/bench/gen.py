@@ -46,6 +46,16 @@ plain run at 0.3 does) while GeN held the rate at 0.29-0.34, and on the flat los
 which helps from the top (+0.03/+0.16 with AdamW) and stalls the run from the bottom; (4) privately, the probe
 noise (sigma_l ~1.2 at the 1% budget share, R_l 2.5, 512 rows) leaves the curvature unresolved at a small rate
 (every estimate from 0.05 rejected: the rate never moved), while from the top it settled at 4.6.
+Why (diagnosed with cheap runs, MNIST small CNN, 300-400 steps, one thread; details in `expunge.optim.gen`'s
+docstring): our GeN was checked against the paper and the authors' public code (offsets, fresh estimation batch,
+fit and acceptance, clip, smoothing, horizon, every, no warm-up) and differs only where it means to (the base
+optimizer's state advances once per step, theirs twice on estimate steps); no discrepancy explains the misses,
+so the committed rows stand and were not rerun. The misses are the method's in this setting: the one-step
+greedy eta* along the optimizer's step settles near whatever rate the run uses (eta*/eta ~1 at fixed rates 20x
+apart), so GeN drifts from a low start (by the early plateau and the clip's x1.1/x0.95 asymmetry) instead of
+finding the tuned rate, and from a rate that diverges (SGD 0.3) it sees a locally fine quadratic until the
+network has collapsed. Fashion-MNIST was no longer installed on this machine at the time of the diagnosis
+(`/usr/share/datasets/fashion-mnist` empty): a rerun here would drop those rows.
 Cost: the committed rows were run before `seconds` became CPU time, so their `seconds` are wall time on a machine
 shared with other jobs (identical plain runs took 14-77 s) and say nothing about overhead; measured instead as CPU
 time of GeN against a plain run of the same optimizer, 160 steps alternated three times on MNIST: x1.34 (SGD-momentum), x1.39 (AdamW), x1.45-1.69 (DP-SGD with
