@@ -54,8 +54,7 @@ so the committed rows stand and were not rerun. The misses are the method's in t
 greedy eta* along the optimizer's step settles near whatever rate the run uses (eta*/eta ~1 at fixed rates 20x
 apart), so GeN drifts from a low start (by the early plateau and the clip's x1.1/x0.95 asymmetry) instead of
 finding the tuned rate, and from a rate that diverges (SGD 0.3) it sees a locally fine quadratic until the
-network has collapsed. Fashion-MNIST was no longer installed on this machine at the time of the diagnosis
-(`/usr/share/datasets/fashion-mnist` empty): a rerun here would drop those rows.
+network has collapsed.
 Cost: the committed rows were run before `seconds` became CPU time, so their `seconds` are wall time on a machine
 shared with other jobs (identical plain runs took 14-77 s) and say nothing about overhead; measured instead as CPU
 time of GeN against a plain run of the same optimizer, 160 steps alternated three times on MNIST: x1.34 (SGD-momentum), x1.39 (AdamW), x1.45-1.69 (DP-SGD with
