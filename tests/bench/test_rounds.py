@@ -86,7 +86,7 @@ def test_fields_report_the_median_and_its_spread():
     assert fields["speedup_rounds"] == [2.0, 2.1, 1.9, 2.05, 1.95]
     assert (fields["rounds"], fields["rounds_stop"]) == (5, "fixed")
     assert rounds.ratio_fields("speedup", "ratio")["ratio_iqr"] == fields["speedup_iqr"]
-    assert spread_text(fields, "speedup") == "1.90-2.10, IQR 5.0%" and rounds_text(fields) == "5 fixed"
+    assert spread_text(fields, "speedup") == "1.90-2.10, 5.0%" and rounds_text(fields) == "5 fixed"
     assert error_bars([fields], "speedup").tolist() == [[pytest.approx(0.1)], [pytest.approx(0.1)]]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import report
-from .rounds import RoundRule, Rounds, rounds_text, spread_text
+from .rounds import SPREAD_HEADER, RoundRule, Rounds, rounds_text, spread_text
 from ..data import IndexedDataset
 from ..errors import ExpungeError
 from ..unlearn.certified import (Objective, newton_removal, newton_solve, removal_budget, spectral_norm,
@@ -156,7 +156,7 @@ def table(rows: list[dict]):
     from rich.table import Table
 
     t = Table(title=f"Certified removal on MNIST (epsilon={EPSILON:g}, delta={DELTA:g})")
-    for col in ("task", "lambda", "sigma", "test acc", "removals", "removal s", "retrain s", "speedup", "spread",
+    for col in ("task", "lambda", "sigma", "test acc", "removals", "removal s", "retrain s", "speedup", SPREAD_HEADER,
                 "rounds", "residual", "bound", "|w-w_re| newton", "|w-w_re| before"):
         t.add_column(col, justify="right")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import report
-from .rounds import RoundRule, Rounds, error_bars, rounds_text, spread_text
+from .rounds import SPREAD_HEADER, RoundRule, Rounds, error_bars, rounds_text, spread_text
 from ..data import load_dataset
 from ..errors import ExpungeError
 from ..models import FlatModel, build_model
@@ -113,7 +113,7 @@ def table(rows: list[dict]):
 
     t = Table(title="DeltaGrad vs retraining on MNIST (interleaved rounds in one process; median speedup over "
                     "rounds, its min-max and IQR)")
-    for col in ("model", "task", "ratio", "T0", "retrain s", "DeltaGrad s", "speedup", "spread", "rounds", "bound",
+    for col in ("model", "task", "ratio", "T0", "retrain s", "DeltaGrad s", "speedup", SPREAD_HEADER, "rounds", "bound",
                 "speedup/bound", "|w-w_re|", "|w_dg-w_re|", "dist ratio", "acc re", "acc dg"):
         t.add_column(col, justify="right")
     for r in rows:

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import report
-from .rounds import RoundRule, Rounds, error_bars, rounds_text, spread_text
+from .rounds import SPREAD_HEADER, RoundRule, Rounds, error_bars, rounds_text, spread_text
 
 MODES = ("non-private", "expunge all-layer", "expunge group-wise", "opacus hooks", "opacus ghost")
 MODELS = ("mlp", "cnn", "gpt")
@@ -404,7 +404,7 @@ def table(rows: list[dict]):
     threads = rows[0]["threads"] if rows else 1
     t = Table(title=f"One training step (forward, backward, optimizer step) on CPU, {threads} thread(s): "
                     "ratios to non-private, median over interleaved rounds with its min-max and IQR")
-    for col in ("model", "mode", "batch", "samples/s", "ms/step", "throughput ratio", "spread", "rounds",
+    for col in ("model", "mode", "batch", "samples/s", "ms/step", "throughput ratio", SPREAD_HEADER, "rounds",
                 "CPU-time ratio", "peak MB", "memory ratio"):
         t.add_column(col, justify="right")
     for r in rows:

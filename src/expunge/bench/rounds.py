@@ -132,11 +132,15 @@ class Rounds:
 # -- showing a ratio with its spread (tables and plots) --------------------------------------------------------
 
 def spread_text(row: dict, name: str, fmt: str = ".2f") -> str:
-    """'2.41-2.55, IQR 1.2%' for a row's ratio ``name`` ('-' when the row has no spread)."""
+    """'2.41-2.55, 1.2%': a row's ratio ``name`` from its min to its max across rounds, and its IQR as a share of
+    its median ('-' when the row has no spread). Tables head the column SPREAD_HEADER."""
     if row.get(name) is None or f"{name}_iqr" not in row:
         return "-"
     iqr = row[f"{name}_iqr"] / abs(row[name]) if row[name] else math.inf
-    return f"{row[f'{name}_min']:{fmt}}-{row[f'{name}_max']:{fmt}}, IQR {100 * iqr:.1f}%"
+    return f"{row[f'{name}_min']:{fmt}}-{row[f'{name}_max']:{fmt}}, {100 * iqr:.1f}%"
+
+
+SPREAD_HEADER = "min-max, IQR"
 
 
 def rounds_text(row: dict) -> str:

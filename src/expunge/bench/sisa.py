@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import report
-from .rounds import RoundRule, Rounds, error_bars, rounds_text, spread_text
+from .rounds import SPREAD_HEADER, RoundRule, Rounds, error_bars, rounds_text, spread_text
 from ..data import load_dataset
 from ..errors import ExpungeError
 from ..recipe import TrainRecipe
@@ -121,7 +121,7 @@ def table(rows: list[dict]):
 
     t = Table(title="SISA: single-row deletions against full retraining (seconds: median over interleaved rounds; "
                     "speedup: median over rounds, its min-max and IQR; rows: mean over a stream of requests)")
-    for col in ("dataset", "S", "R", "test acc", "delete s", "retrain s", "speedup", "spread", "rounds",
+    for col in ("dataset", "S", "R", "test acc", "delete s", "retrain s", "speedup", SPREAD_HEADER, "rounds",
                 "rows reprocessed", "rows full", "rows speedup"):
         t.add_column(col, justify="right")
     for r in rows:
