@@ -8,10 +8,10 @@ from expunge.bench.rounds import RoundRule, Rounds, error_bars, relative_iqr, ro
 from expunge.errors import ExpungeError
 
 
-def drive(ratios, rule=RoundRule(), seconds_per_round=1.0, **more):
+def drive(ratios, rule=None, seconds_per_round=1.0, **more):
     """Run the rule over an endless supply of per-round ratios (one or several named series)."""
     now = [0.0]
-    rounds = Rounds(rule, clock=lambda: now[0])
+    rounds = Rounds(rule or RoundRule(), clock=lambda: now[0])
     series = {"speedup": iter(ratios), **{name: iter(values) for name, values in more.items()}}
     while rounds.more():
         now[0] += seconds_per_round

@@ -53,7 +53,7 @@ def test_bench_without_mnist_is_a_clean_error(tmp_path):
 
 def listed(output: str) -> list[str]:
     """The benchmark names of a listing: lines 'NAME  DURATION  summary' (rich may wrap a summary)."""
-    return re.findall(r"^\s*([a-z0-9-]+)\s+(?:\S+ (?:s|min|h))\s{2}", output, flags=re.M)
+    return re.findall(r"^\s*([a-z0-9-]+)\s+(?:\S+ (?:s|min|h))\s{2}", output, flags=re.MULTILINE)
 
 
 def test_help_lists_exactly_the_registered_benchmarks():

@@ -35,4 +35,9 @@ BENCHMARKS = {
     "dp-engine": Benchmark("expunge.bench.dp_engine", "DP step vs non-private and Opacus: speed, memory", "~15 min"),
     "dp-mnist": Benchmark("expunge.bench.dp_mnist", "DP-SGD on MNIST: test accuracy at epsilon 1, 2, 3, 8", "~20 min"),
     "dp-optimizers": Benchmark("expunge.bench.dp_optimizers", "DP optimizers on (Fashion-)MNIST: accuracy vs epsilon", "~40 min"),
+    "dp-filters": Benchmark("expunge.bench.dp_filters", "DP optimizers' filters on a noisy quadratic: stability", "~3 min"),
+    "dp-optimizers-long": Benchmark("expunge.bench.dp_optimizers_long", "DP optimizers at 40 epochs, own tuned rates: accuracy",
+                                    "~5 h"),
+    "gen": Benchmark("expunge.bench.gen", "GeN learning rate vs tuned schedules: accuracy, cost", "~30 min"),
+    "merge": Benchmark("expunge.bench.merge", "MAP model merging vs a dense grid: Pareto fronts", "~10 min"),
 }

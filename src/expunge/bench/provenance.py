@@ -51,7 +51,7 @@ def git_state(source: Path | None = None) -> dict:
     source = source or Path(__file__).resolve().parents[1]
 
     def git(*args):
-        return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=30)
+        return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=30, check=False)
 
     try:
         head = git("rev-parse", "HEAD")

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class RoundRule:
             raise ValueError(f"round rule needs 1 <= floor <= ceiling, got floor {self.floor}, ceiling {self.ceiling}")
 
     @classmethod
-    def for_repeats(cls, repeats: int | None, **overrides) -> "RoundRule":
+    def for_repeats(cls, repeats: int | None, **overrides) -> RoundRule:
         """The rule a benchmark's ``repeats`` argument asks for: None chooses, N fixes the count."""
         return replace(cls(**overrides), fixed=repeats)
 
