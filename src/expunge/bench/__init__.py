@@ -37,7 +37,7 @@ BENCHMARKS = {
     "dp-optimizers": Benchmark("expunge.bench.dp_optimizers", "DP optimizers on (Fashion-)MNIST: accuracy vs epsilon", "~40 min"),
     "dp-filters": Benchmark("expunge.bench.dp_filters", "DP optimizers' filters on a noisy quadratic: stability", "~3 min"),
     "dp-optimizers-long": Benchmark("expunge.bench.dp_optimizers_long", "DP optimizers at 40 epochs, own tuned rates: accuracy",
-                                    "~5 h"),
+                                    "~4.5 h"),
     "gen": Benchmark("expunge.bench.gen", "GeN learning rate vs tuned schedules: accuracy, cost", "~30 min"),
-    "merge": Benchmark("expunge.bench.merge", "MAP model merging vs a dense grid: Pareto fronts", "~10 min"),
+    "merge": Benchmark("expunge.bench.merge", "MAP model merging vs a dense grid: Pareto fronts", "~6 min"),
 }
