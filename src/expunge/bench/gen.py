@@ -404,4 +404,5 @@ def main(data_dir, json_out, repeats: int = 1, limit: int | None = None, progres
          **kw) -> list[dict]:
     """One run per configuration (seed 0): `repeats` is accepted for the common bench interface and not used."""
     rows = run(data_dir, limit=limit, progress=progress, console=console, **kw)
-    return report(rows, json_out, table, plot, console)
+    settings = {"worker_threads": 1, "workers": kw.get("workers", 2), "seed": 0}
+    return report(rows, json_out, table, plot, console, settings=settings)
