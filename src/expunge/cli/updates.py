@@ -12,9 +12,9 @@ from ..unlearn import registry
 from .app import DATA_OPTION, JSON_HELP, JSON_OPTION, QUIET_OPTION, RUN_ARGUMENT, app, console, friendly, write_json
 from .report import print_certificate, print_privacy, print_report
 
-_NO_TRAJECTORY = [name for name in registry.names(registry.GRADIENT_RUN)
+_NO_TRAJECTORY = [name for name in registry.names(registry.GRADIENT_RUN, serves="forget")
                   if not getattr(registry.get(name).updater, "writes_trajectory", True)]
-METHOD_HELP = (f"Update method: {registry.help_text()}. {', '.join(_NO_TRAJECTORY)} leave no trajectory, so DeltaGrad "
+METHOD_HELP = (f"Update method: {registry.help_text(serves='forget')}. {', '.join(_NO_TRAJECTORY)} leave no trajectory, so DeltaGrad "
                "needs a retrain after them.")
 
 def _parse_lr_steps(steps: list[str]) -> tuple[tuple[int, float], ...]:
@@ -26,6 +26,17 @@ def _parse_lr_steps(steps: list[str]) -> tuple[tuple[int, float], ...]:
         except ValueError:
             raise ExpungeError(f"--lr-step {step!r} must look like EPOCH=LR, e.g. 10=0.05") from None
     return tuple(parsed)
+
+
+def _parse_lr(lr: str) -> bool:
+    """--lr: True for 'auto' (GeN), else it must be a number."""
+    if lr.strip().lower() == "auto":
+        return True
+    try:
+        float(lr)
+    except ValueError:
+        raise ExpungeError(f"--lr {lr!r} must be a number (e.g. 0.1) or 'auto'") from None
+    return False
 
 
 def _updater(method: str, T0: int, j0: int, m: int):
@@ -120,7 +131,12 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Passes over the data (default 20; LM 1)."),
     batch_size: Optional[int] = typer.Option(None, help="Mini-batch size; 0 means full-batch gradient descent (default "
                                              "0; LM: rows per forward pass, default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate from epoch 0 (default 0.1; LM 1e-4)."),
+    lr: Optional[str] = typer.Option(None, help="Learning rate from epoch 0 (default 0.1; LM 1e-4), or 'auto': GeN sets "
+                                     "it from the curvature of the loss along each step (forward passes on a second, "
+                                     "recorded batch plan; started from --lr-start; the rates are recorded in the "
+                                     "run). With --method retrain only."),
+    lr_start: float = typer.Option(0.1, help="With --lr auto: the rate GeN starts from."),
+    lr_every: int = typer.Option(4, help="With --lr auto: iterations between GeN's estimates."),
     lr_step: list[str] = typer.Option([], help="Step schedule EPOCH=LR, repeatable: --lr-step 10=0.05."),
     weight_decay: Optional[float] = typer.Option(None, help="L2 coefficient lambda (objective mean loss + lambda/2 |w|^2; "
                                                  "default 1e-4; LM: the optimizer's weight decay, default 0)."),
@@ -214,6 +230,9 @@ def train(
                                            "--dp the privacy accounting lists it as a public phase, which adds nothing "
                                            "to epsilon, and a tiny model's tokenizer is trained on these texts alone."),
     public_epochs: Optional[int] = typer.Option(None, help="LM: epochs of the public phase (default --epochs)."),
+    init: Optional[Path] = typer.Option(None, help="Fine-tune from this run's current model instead of a fresh "
+                                        "initialisation (same model, features and classes); the run records it, and "
+                                        "`expunge merge --base INIT` merges the runs fine-tuned from it."),
     signing_key: Optional[Path] = SIGNING_KEY_OPTION,
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
@@ -237,7 +256,9 @@ def train(
                         "--classes": classes is not None, "--l2-normalize": l2_normalize,
                         "--test-data": test_data is not None, "--dp-transform": dp_transform != "none",
                         "--encode-labels": encode_labels, "--encode-categories": encode_categories,
-                        "--standardize": standardize, "--label-column": label_column is not None}
+                        "--standardize": standardize, "--label-column": label_column is not None,
+                        "--init": init is not None,
+                        "--lr auto": lr is not None and _parse_lr(lr)}  # also checks a number
         given = [name for name, used in tabular_only.items() if used]
         if given:
             raise ExpungeError(f"{', '.join(given)} apply to tabular runs, not to --task lm; drop them (an LM run is "
@@ -245,7 +266,7 @@ def train(
         if model is None:
             raise ExpungeError("--task lm needs --model: tiny-llama, tiny-gpt2, smollm2, a model folder or a .gguf file")
         report = train_lm_run(
-            data, out, model=model, epochs=1 if epochs is None else epochs, lr=1e-4 if lr is None else lr,
+            data, out, model=model, epochs=1 if epochs is None else epochs, lr=1e-4 if lr is None else float(lr),
             batch_size=batch_size or 8, grad_accum=grad_accum or 1, max_length=max_length or 256,
             optimizer=optimizer or "adamw", weight_decay=weight_decay or 0.0, momentum=momentum or 0.0,
             schedule=schedule or "constant", warmup_steps=warmup_steps or 0, max_grad_norm=max_grad_norm,
@@ -265,13 +286,21 @@ def train(
     if len(data) != 1:
         raise ExpungeError(f"a tabular run trains on one dataset, got --data {len(data)} times; give it once")
     data = data[0]
-    model, epochs, lr = model or "logreg", 20 if epochs is None else epochs, 0.1 if lr is None else lr
+    model, epochs, lr = model or "logreg", 20 if epochs is None else epochs, lr or "0.1"
     weight_decay = 1e-4 if weight_decay is None else weight_decay
     dtype, optimizer = dtype or "float64", optimizer or "SGD"
     max_grad_norm = 1.0 if max_grad_norm is None else max_grad_norm
-    recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None, lr=lr,
-                         lr_steps=_parse_lr_steps(lr_step), weight_decay=weight_decay, dtype=dtype, seed=seed,
-                         optimizer=optimizer)
+    auto = _parse_lr(lr)
+    if auto and (dp or method not in ("retrain", "deltagrad")):
+        raise ExpungeError(f"--lr auto (GeN) is available for gradient-trained runs updated by exact retraining "
+                           f"(--method retrain); not yet for {'--dp' if dp else '--method ' + method}")
+    if auto and method != "retrain":
+        raise ExpungeError("--lr auto needs --method retrain: GeN's rates depend on the rows, so only exact retraining "
+                           "recomputes them without a removed row (DeltaGrad replays a fixed schedule)")
+    recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None,
+                         lr=lr_start if auto else float(lr), lr_steps=_parse_lr_steps(lr_step),
+                         weight_decay=weight_decay, dtype=dtype, seed=seed, optimizer=optimizer, lr_auto=auto,
+                         lr_every=lr_every)
     spec = None
     if classes or l2_normalize:
         try:
@@ -288,6 +317,15 @@ def train(
         train_set = preprocess(train_set, **spec)
         test_set = preprocess(test_set, **spec) if test_set is not None else None
     source = data if data == "digits" else str(Path(data).resolve())
+    start = None
+    if init is not None:
+        from ..unlearn import RunModel
+
+        if dp or method != "deltagrad" and method != "retrain":
+            raise ExpungeError("--init fine-tunes a gradient-trained run (--method deltagrad or retrain), not "
+                               + ("a private run" if dp else f"--method {method}"))
+        start = RunModel.load(init)
+        start.architecture()  # refuses runs whose model cannot be fine-tuned from (certified, SISA)
     if dp:
         from ..unlearn.private import PrivateTraining
 
@@ -313,7 +351,7 @@ def train(
                              signing_key=signing_key)
     else:
         fitted = Fitted.train(train_set, recipe, _updater(method, T0, j0, m), out=out, test=test_set, source=source,
-                              progress=not quiet, preprocess=spec, signing_key=signing_key)
+                              progress=not quiet, preprocess=spec, signing_key=signing_key, init=start)
     report = fitted.ledger.entries()[-1]["report"]
     if not quiet:
         acc = report["metrics"].get("test_acc")
@@ -321,6 +359,10 @@ def train(
             method, recipe.model)
         console.print(f"trained {what} on {len(train_set)} rows in {report['seconds']:.2f} s"
                       + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + f" -> {out}")
+        if recipe.lr_auto and getattr(fitted, "rates", None) is not None:
+            rates = fitted.rates
+            console.print(f"GeN learning rate: {rates[0]:.4g} at the start, {rates.min():.4g}..{rates.max():.4g} "
+                          f"during training, {rates[-1]:.4g} at the end (recorded in the run's trajectory)")
         if method == "certified":
             print_certificate(report["guarantee"])
         if method == "dp":

@@ -46,6 +46,7 @@ class Method:
     holds: tuple[str, ...] = ()  # what a run trained with this method promises (kept until an update ends it)
     keeps: tuple[str, ...] = ()  # which of those promises an update by this method keeps
     alias: str | None = None  # the name it answers to on runs of its kind (another kind's method name)
+    serves: tuple[str, ...] = ("forget", "add")  # the requests it computes (a run's `kind` of update)
 
     def __post_init__(self):
         if self.updates not in (GRADIENT_RUN, OWN_RUN, LM_RUN):
@@ -89,9 +90,11 @@ def runs_of_kind(kind: str) -> list[str]:
     return [f"{m.alias} ({m.name})" if m.alias else m.name for m in _METHODS.values() if kind_of(m) == kind]
 
 
-def names(updates: str | None = None) -> list[str]:
-    """Registered method names, in registration order (optionally only those updating ``updates`` runs)."""
-    return [m.name for m in _METHODS.values() if updates is None or m.updates == updates]
+def names(updates: str | None = None, serves: str | None = None) -> list[str]:
+    """Registered method names, in registration order (optionally only those updating ``updates`` runs, only
+    those serving ``serves`` requests)."""
+    return [m.name for m in _METHODS.values()
+            if (updates is None or m.updates == updates) and (serves is None or serves in m.serves)]
 
 
 def get(name: str) -> Method:
@@ -117,6 +120,6 @@ def run_class(name: str) -> type:
     return get(name).run
 
 
-def help_text() -> str:
-    """'name (summary), ...' for every method, for --help."""
-    return "; ".join(f"{m.name} ({m.summary})" for m in _METHODS.values())
+def help_text(serves: str | None = None) -> str:
+    """'name (summary), ...' for every method (serving ``serves`` requests), for --help."""
+    return "; ".join(f"{m.name} ({m.summary})" for m in _METHODS.values() if serves is None or serves in m.serves)
