@@ -19,7 +19,7 @@ from ..train import Workspace, train
 from ..trajectory import Trajectory
 from .base import UpdateReport, Updater
 from .registry import OWN_RUN, find, make_updater, run_class
-from .run import TabularRun
+from .run import RunModel, TabularRun
 
 WEIGHTS, TRAJECTORY = "weights.safetensors", "trajectory"
 
