@@ -259,7 +259,7 @@ def train(
                         "--test-data": test_data is not None, "--dp-transform": dp_transform != "none",
                         "--encode-labels": encode_labels, "--encode-categories": encode_categories,
                         "--standardize": standardize, "--label-column": label_column is not None,
-                        "--init": init is not None,
+                        "--init": init is not None, "--nproc": nproc != 1,  # LM runs train in one process (so far)
                         "--lr auto": lr is not None and _parse_lr(lr)}  # also checks a number
         given = [name for name, used in tabular_only.items() if used]
         if given:
