@@ -300,3 +300,26 @@ def test_distributed_without_a_process_group_is_refused():
 def test_no_process_group_trains_in_one_process():
     model = build("mlp")
     assert private("mlp", model).dist is None
+
+
+def test_refusals_leave_a_ddp_model_as_it_was(tmp_path):
+    """A process group of one rank in this process: refusals come before the engine touches DDP's reducer."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from expunge.privacy import DiSK
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(build("mlp"))
+        with pytest.raises(ExpungeError, match="transforms"):
+            make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data("mlp"), batch_size=BATCH,
+                         noise_multiplier=1.0, transforms=[DiSK()])
+        with pytest.raises(ExpungeError, match="distributed=False"):
+            private("mlp", model, distributed=False)
+        assert model.require_backward_grad_sync
+        engine = private("mlp", model)  # detected: a DDP model
+        assert engine.dist is not None and not model.require_backward_grad_sync
+        engine.detach()
+        assert model.require_backward_grad_sync
+    finally:
+        dist.destroy_process_group()

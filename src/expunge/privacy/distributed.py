@@ -93,7 +93,6 @@ class DataParallel:
             raise ExpungeError("distributed training needs an initialised process group: launch with torchrun "
                                "(or torch.multiprocessing) and call torch.distributed.init_process_group first")
         if kind == "ddp":
-            model.require_backward_grad_sync = False  # DDP's reducer idles (as under no_sync): see the module doc
             return DataParallel(model.module, model, kind, model.process_group)
         if kind == "fsdp":
             from torch.distributed.tensor import DTensor, Shard
@@ -110,12 +109,7 @@ class DataParallel:
             if not meshes or any(m != meshes[0] for m in meshes):
                 raise ExpungeError("private FSDP2 needs every trainable parameter sharded over one device mesh")
             return DataParallel(model, model, kind, meshes[0].get_group())
-        group = dist.group.WORLD
-        parallel = DataParallel(model, model, "replicated", group)
-        with torch.no_grad():  # replicas start equal (as DDP's constructor makes them)
-            for t in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(t.data, src=parallel.root, group=parallel.group)
-        return parallel
+        return DataParallel(model, model, "replicated", dist.group.WORLD)
 
     def shared_seed(self, seed: int | None, secure: bool) -> int | None:
         """One seed for every rank's row draws and (replicated models) noise; rank 0 picks it when none is
@@ -134,7 +128,13 @@ class DataParallel:
         return seed
 
     def bind(self, engine) -> None:
-        """Called by the engine once its groups and noise exist."""
+        """Called by the engine once its groups and noise exist (make_private has checked everything)."""
+        if self.kind == "ddp":
+            self.wrapper.require_backward_grad_sync = False  # DDP's reducer idles (as under no_sync): module doc
+        if self.kind == "replicated":  # replicas start equal (as DDP's constructor makes them)
+            with torch.no_grad():
+                for t in [*self.model.parameters(), *self.model.buffers()]:
+                    dist.broadcast(t.data, src=self.root, group=self.group)
         if self.kind == "fsdp":
             engine.noise = engine.noise.fork(self.rank)  # each shard's noise independent of the others'
         self._order = list(reversed(engine.groups))  # roughly the order the backward pass finishes them

@@ -819,7 +819,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
                            "optimizer from model.parameters()")
     if isinstance(optimizer, DPOptimizer):
         raise ExpungeError("this optimizer is already private: pass the base optimizer")
-    parallel = DataParallel.detect(model, distributed)
+    parallel = DataParallel.detect(model, distributed)  # (collectives, no change to the model)
     if parallel is not None and (transforms or reserve):
         raise ExpungeError("gradient transforms (DiSK, DOPPLER, DiceSGD, coupling) and loss probes (reserve) do not "
                            "run data parallel yet: train them in one process (distributed=False)")
