@@ -38,9 +38,9 @@ def test_an_automatic_rate_round_trips_and_old_manifests_still_load():
     (dict(vocab_size=100), "vocab_size"),
     (dict(dtype="float16"), "unknown dtype"),
     (dict(seed=-1), "seed"),
-    (dict(lr_auto="yes"), "lr_auto must be true or false"),
-    (dict(lr_every=0), "lr_every"),
-    (dict(lr_auto=True, warmup_steps=2), "has no warm-up"),
+    ({"lr_auto": "yes"}, "lr_auto must be true or false"),
+    ({"lr_every": 0}, "lr_every"),
+    ({"lr_auto": True, "warmup_steps": 2}, "has no warm-up"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ExpungeError, match=message):

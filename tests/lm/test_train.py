@@ -60,8 +60,8 @@ def states_equal(a, b) -> bool:
     ("tiny-gpt2", dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1),  # dropout: seeded per step
      dict(optimizer="sgd", momentum=0.9, schedule="linear", batch_size=2)),
     # GeN's rate, probing on the probe stream (where removed rows leave holes too), a cosine horizon
-    ("tiny-gpt2", dict(resid_pdrop=0.1), dict(optimizer="adamw", schedule="cosine", lr_auto=True, lr_every=1,
-                                              batch_size=2)),
+    ("tiny-gpt2", {"resid_pdrop": 0.1}, {"optimizer": "adamw", "schedule": "cosine", "lr_auto": True, "lr_every": 1,
+                                         "batch_size": 2}),
 ])
 def test_retraining_after_a_deletion_equals_training_from_scratch_on_the_remaining_rows(tmp_path, model, config,
                                                                                        settings):
@@ -149,7 +149,7 @@ def test_private_training_through_the_hook_is_reproducible_and_accounted(tmp_pat
 
 def test_gens_probe_is_the_mean_row_loss_on_the_probe_streams_rows_with_dropout_off(tmp_path):
     corpus = qa_corpus(tmp_path, 12)
-    setup = tiny_setup(corpus, "tiny-gpt2", dict(resid_pdrop=0.3, embd_pdrop=0.3), lr_auto=True, epochs=2)
+    setup = tiny_setup(corpus, "tiny-gpt2", {"resid_pdrop": 0.3, "embd_pdrop": 0.3}, lr_auto=True, epochs=2)
     active = np.ones(12, bool)
     active[[0, 5]] = False
     plan = lm_plan(setup.recipe, 12)
