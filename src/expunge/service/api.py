@@ -16,8 +16,10 @@ Bad input gets a 4xx whose ``detail`` says what is wrong, and nothing is queued.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
 from typing import Annotated, Literal
 
@@ -26,6 +28,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, S
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
@@ -35,9 +38,9 @@ from ..unlearn.audit import check_receipt, make_receipt, verify_run
 from ..integrity import reconcile
 from ..artifact import RunDirectory
 from ..unlearn.run import MAX_TEXT, reading_verifier
-from .tokens import authenticate
+from .tokens import TokenCache
 from .metrics import Metrics
-from .queue import APPLIED, Queue
+from .queue import APPLIED, GroupCommit, Queue
 from .runs import RunCatalog, UnknownRun, run_summary
 from .store import Database
 from .tokens import Principal
@@ -184,23 +187,29 @@ class ReceiptCheck(BaseModel):
 # ------------------------------------------------------------------ the app
 
 
-def create_app(runs, db, *, max_body: int = MAX_BODY, max_ids: int = MAX_IDS) -> FastAPI:
-    """The service's API over the run directories under ``runs`` and the database ``db`` (URL or Database)."""
+def create_app(runs, db, *, max_body: int = MAX_BODY, max_ids: int = MAX_IDS, token_cache_s: float = 1.0) -> FastAPI:
+    """The service's API over the run directories under ``runs`` and the database ``db`` (URL or Database).
+    ``token_cache_s``: how long a checked token is trusted without reading the token table again (a revoked token
+    is refused within that time)."""
     catalog = runs if isinstance(runs, RunCatalog) else RunCatalog(runs)
     database = Database(db).create() if isinstance(db, str) else db
     queue = Queue(database)
+    commits = GroupCommit(queue)
+    token_cache = TokenCache(database, token_cache_s)
     metrics = Metrics(queue)
+    threading.Thread(target=catalog.warm, name="expunge-warm", daemon=True).start()
     app = FastAPI(title="expunge deletion-request service", version=__version__, description=__doc__.split("\n\n")[1])
     app.state.catalog, app.state.db, app.state.queue, app.state.metrics = catalog, database, queue, metrics
+    app.state.tokens = token_cache
     app.add_middleware(Guard, max_body=max_body, metrics=metrics)
 
     bearer = HTTPBearer(auto_error=False, description="A token from `expunge token create`")
 
-    def caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Principal:
+    async def caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Principal:
         token = credentials.credentials if credentials else None
         if token is None and request.method == "GET":  # the status page's login cookie, for reading only
             token = request.cookies.get(COOKIE)
-        principal = authenticate(database, token)
+        principal = token_cache.lookup(token) or await run_in_threadpool(token_cache.authenticate, token)
         if principal is None:
             raise HTTPException(401, "missing, unknown or revoked token: send 'Authorization: Bearer <token>' "
                                 "(an operator makes one with `expunge token create --role ...`)",
@@ -208,7 +217,7 @@ def create_app(runs, db, *, max_body: int = MAX_BODY, max_ids: int = MAX_IDS) ->
         return principal
 
     def role(*allowed: str):
-        def check(principal: Principal = Depends(caller)) -> Principal:
+        async def check(principal: Principal = Depends(caller)) -> Principal:
             if principal.role not in allowed:
                 raise HTTPException(403, f"{_a(principal.role)} token cannot do this; it takes "
                                     f"{' or '.join(_a(r) for r in allowed)} token")
@@ -235,16 +244,20 @@ def create_app(runs, db, *, max_body: int = MAX_BODY, max_ids: int = MAX_IDS) ->
     @app.post("/v1/runs/{run}/requests", status_code=202, response_model=Submitted, tags=["requests"],
               responses={404: {"description": "Unknown run"}, 413: {"description": "Body too large"},
                          415: {"description": "Not JSON"}, 422: {"description": "Invalid request"}})
-    def submit(run: str, body: Submission, response: Response,
-               principal: Principal = Depends(role("requester"))) -> Submitted:
+    async def submit(run: str, body: Submission, response: Response,
+                     principal: Principal = Depends(role("requester"))) -> Submitted:
         """Queue a deletion or addition; ``202`` once it is committed to the queue's database."""
         start = time.perf_counter()
         run_path(run)
-        ids, rows = _checked(catalog, run, body, max_ids)
+        try:  # ids checked against the run's view in memory; anything that reads the disk runs in a thread
+            ids, rows = _checked(catalog, run, body, max_ids, inline=True)
+        except _Later:
+            ids, rows = await run_in_threadpool(_checked, catalog, run, body, max_ids)
         who = f"{body.requested_by} (token {principal.token_id})" if body.requested_by else \
             f"{principal.name} (token {principal.token_id})"
-        row, duplicate = queue.submit(run, body.kind, principal, ids=ids, rows=rows, group=body.group,
-                                      requested_by=who, reason=body.reason, reference=body.reference)
+        committed = commits.submit(run=run, kind=body.kind, principal=principal, ids=ids, rows=rows, group=body.group,
+                                   requested_by=who, reason=body.reason, reference=body.reference)
+        row, duplicate = await asyncio.wrap_future(committed)
         metrics.submit_seconds.observe(time.perf_counter() - start)
         response.headers["Location"] = f"/v1/requests/{row['id']}"
         log.info("request submitted", extra={"fields": {"request": row["id"], "run": run, "kind": body.kind,
@@ -397,8 +410,15 @@ def create_app(runs, db, *, max_body: int = MAX_BODY, max_ids: int = MAX_IDS) ->
 # ------------------------------------------------------------------ helpers
 
 
-def _checked(catalog: RunCatalog, run: str, body: Submission, max_ids: int):
-    """The request's ids (sorted) and rows, checked against the run; ExpungeError says what is wrong."""
+class _Later(Exception):
+    """The check needs the disk: run it in a thread."""
+
+
+def _checked(catalog: RunCatalog, run: str, body: Submission, max_ids: int, inline: bool = False):
+    """The request's ids (sorted) and rows, checked against the run; ExpungeError says what is wrong. ``inline``:
+    only what the view in memory can tell (else _Later)."""
+    if inline and (body.kind != "forget" or body.group is not None or catalog.cached(run) is None):
+        raise _Later()
     if body.kind == "forget":
         if body.group is not None:
             view = catalog.view(run, groups=True)
@@ -412,6 +432,8 @@ def _checked(catalog: RunCatalog, run: str, body: Submission, max_ids: int):
         if len(ids) > max_ids:
             raise ExpungeError(f"{len(ids)} ids in one request; at most {max_ids}: split it into several requests")
         unknown = catalog.view(run).unknown(ids)
+        if len(unknown) and inline:
+            raise _Later()
         if len(unknown):  # perhaps added since the view was taken: look again before refusing
             unknown = catalog.view(run, fresh=True).unknown(ids)
         if len(unknown):

@@ -1,12 +1,18 @@
 """Structured logs: one JSON object per line (time, level, logger, message, and the event's fields), on stderr,
-for whatever collects the service's output."""
+for whatever collects the service's output. Records are formatted and written by a background thread
+(``QueueHandler``/``QueueListener``), so that a request never waits for the log's I/O."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
+
+_listener: logging.handlers.QueueListener | None = None
 
 
 class JSONFormatter(logging.Formatter):
@@ -22,9 +28,24 @@ class JSONFormatter(logging.Formatter):
 
 def configure(level: int = logging.INFO, stream=None) -> None:
     """Send the service's logs (``expunge.service.*``) as JSON lines to ``stream`` (default stderr)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter())
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
+    atexit.register(stop)
     logger = logging.getLogger("expunge.service")
-    logger.handlers[:] = [handler]
+    logger.handlers[:] = [logging.handlers.QueueHandler(records)]
     logger.setLevel(level)
     logger.propagate = False
+
+
+def stop() -> None:
+    """Write what is queued and stop the writer (also at exit)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None

@@ -22,6 +22,7 @@ from ..unlearn import registry
 from ..unlearn.run import RunModel, guarantees_of
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RECHECK_S = 1.0
 
 
 class UnknownRun(ExpungeError):
@@ -91,15 +92,20 @@ class RunCatalog:
         self._base: dict[str, tuple] = {}  # name -> (run_id, training ids, n_base)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._seen: dict[str, float] = {}  # run -> when its manifest was last seen (monotonic seconds)
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if NAME.match(p.name) and RunDirectory(p).exists())
 
     def path(self, name: str) -> Path:
-        """The run directory of ``name``; UnknownRun (naming the runs there are) if there is none."""
+        """The run directory of ``name``; UnknownRun (naming the runs there are) if there is none. A run seen in the
+        last second is not looked for again (a busy API would stat its manifest on every call)."""
+        if time.monotonic() - self._seen.get(name, -RECHECK_S) < RECHECK_S:
+            return self.root / name
         if not NAME.match(name or "") or not RunDirectory(self.root / name).exists():
             known = self.names()
             raise UnknownRun(f"no run {name!r} here; runs: {', '.join(known) if known else 'none yet'}")
+        self._seen[name] = time.monotonic()
         return self.root / name
 
     def manifest(self, name: str) -> dict:
@@ -107,6 +113,18 @@ class RunCatalog:
 
     def describe(self, name: str) -> dict:
         return describe(name, self.manifest(name))
+
+    def cached(self, name: str) -> RunView | None:
+        """The view last taken of ``name``, without touching the disk (None if none yet)."""
+        return self._views.get(name)
+
+    def warm(self) -> None:
+        """Take every run's view now (a load each), so that the first requests do not wait for it."""
+        for name in self.names():
+            try:
+                self.view(name)
+            except Exception:  # a damaged run is reported when a request names it
+                pass
 
     def view(self, name: str, fresh: bool = False, groups: bool = False) -> RunView:
         """The run's ids and which are active: as last seen (cheap; enough to know an id is a row, since a run never

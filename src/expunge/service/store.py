@@ -78,7 +78,7 @@ requests = Table(
     Column("deadline_at", Float, nullable=False),
     Column("finished_at", Float),
     Index("requests_queue", "run", "status", "position"),
-    Index("requests_dedup", "token_id", "run", "kind", "ids_sha256", "status"),
+    Index("requests_dedup", "ids_sha256", "status"),
     Index("requests_batch", "batch_id"),
 )
 

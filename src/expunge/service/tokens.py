@@ -83,3 +83,29 @@ def revoke(db: Database, token_id: str) -> None:
         if found[0] is not None:
             raise ExpungeError(f"token {token_id} is already revoked")
         c.execute(update(tokens).where(tokens.c.id == token_id).values(revoked_at=time.time()))
+
+
+class TokenCache:
+    """``authenticate`` remembered for ``seconds`` (a valid token only), so that a busy API does not read the token
+    table on every call: a revoked token is refused within that many seconds (0: at once)."""
+
+    def __init__(self, db: Database, seconds: float = 1.0):
+        self.db, self.seconds = db, seconds
+        self.known: dict[str, tuple[Principal, float]] = {}
+
+    def lookup(self, token: str | None) -> Principal | None:
+        """The principal if the token was found valid less than ``seconds`` ago, else None (ask ``authenticate``)."""
+        if not token or self.seconds <= 0:
+            return None
+        found = self.known.get(_digest(token))
+        return found[0] if found and found[1] > time.monotonic() else None
+
+    def authenticate(self, token: str | None) -> Principal | None:
+        principal = self.lookup(token)
+        if principal is None:
+            principal = authenticate(self.db, token)
+            if principal is not None and self.seconds > 0:
+                if len(self.known) > 10_000:
+                    self.known.clear()
+                self.known[_digest(token)] = (principal, time.monotonic() + self.seconds)
+        return principal

@@ -17,7 +17,6 @@ from ..artifact import RunDirectory
 from ..integrity import batch_of, reconcile
 from ..unlearn.audit import verify_run
 from ..unlearn.run import reading_verifier
-from .tokens import authenticate
 from .runs import run_summary
 
 COOKIE = "expunge_token"
@@ -153,13 +152,13 @@ class Verifications:
 
 
 def register(app: FastAPI) -> None:
-    catalog, queue, db = app.state.catalog, app.state.queue, app.state.db
+    catalog, queue, token_cache = app.state.catalog, app.state.queue, app.state.tokens
     verifications = Verifications()
 
     def signed_in(request: Request):
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(COOKIE)
-        return authenticate(db, token)
+        return token_cache.authenticate(token)
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_form():
@@ -168,7 +167,7 @@ def register(app: FastAPI) -> None:
     @app.post("/login", include_in_schema=False)
     async def login(request: Request):
         form = parse_qs((await request.body()).decode(errors="replace"))
-        principal = authenticate(db, (form.get("token") or [""])[0].strip())
+        principal = token_cache.authenticate((form.get("token") or [""])[0].strip())
         if principal is None or principal.role not in ("operator", "auditor"):
             error = ("unknown or revoked token" if principal is None
                      else f"a {principal.role} token cannot open the status page (operators and auditors can)")

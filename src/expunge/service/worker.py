@@ -275,8 +275,10 @@ class Worker:
 
     def _crash(self, stage: str) -> None:
         if self.crash_at == stage:
+            from .logs import stop
+
             log.warning("crashing on purpose", extra={"fields": {"worker": self.id, "stage": stage}})
-            logging.shutdown()
+            stop()
             os._exit(86)
 
 
