@@ -75,6 +75,7 @@ def browser():
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(60)
+    driver.implicitly_wait(10)  # find_element waits for the page a click navigates to
     yield driver
     driver.quit()
 
@@ -86,6 +87,14 @@ def sign_in(browser, base, token):
     assert browser.current_url.endswith("/login")
     browser.find_element(By.ID, "token").send_keys(token)
     browser.find_element(By.ID, "sign-in").click()
+
+
+def arrived_at(browser, path):
+    """Wait (a click's navigation is asynchronous) until the browser shows ``path``; fail after 10 s."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 10).until(lambda b: b.current_url.endswith(path),
+                                     f"the browser stayed at {browser.current_url}, not {path}")
 
 
 def test_the_status_page_shows_the_queue_change_after_a_submission_in_a_browser(server, browser, runs, digits_ids):
@@ -117,6 +126,6 @@ def test_the_status_page_shows_the_queue_change_after_a_submission_in_a_browser(
     assert "verified" in browser.find_element(By.ID, "ledger-digits").text
     assert "T-9" in browser.page_source  # the request's ledger row, with its reference
     browser.find_element(By.ID, "sign-out").click()
-    assert browser.current_url.endswith("/login")
+    arrived_at(browser, "/login")
     browser.get(f"{base}/")
     assert browser.current_url.endswith("/login")
