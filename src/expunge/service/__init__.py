@@ -9,10 +9,19 @@
     server.py   `expunge serve`: the API and its worker processes
 """
 
+from importlib.util import find_spec
+
+from ..errors import ExpungeError
+
+_NEEDS = ("fastapi", "uvicorn", "pydantic", "sqlalchemy", "prometheus_client", "jinja2")
+if any(find_spec(name) is None for name in _NEEDS):  # say how to get them, not a bare ImportError
+    raise ExpungeError(f"the service needs {', '.join(n for n in _NEEDS if find_spec(n) is None)}: "
+                       "pip install 'expunge[service]'")
+
 from .api import create_app
 from .queue import Policy, Queue
 from .runs import RunCatalog
 from .store import Database, sqlite_url
 from .worker import Worker
 
-__all__ = ["create_app", "Database", "Policy", "Queue", "RunCatalog", "Worker", "sqlite_url"]
+__all__ = ["Database", "Policy", "Queue", "RunCatalog", "Worker", "create_app", "sqlite_url"]
