@@ -8,7 +8,7 @@ import pytest
 from expunge import DeltaGrad, TrainRecipe, load_dataset
 from expunge.service import Database, Worker, create_app, sqlite_url, tokens
 
-from .postgres import Server
+from .postgres import NotInstalled, Server
 
 RECIPE = TrainRecipe(model="logreg", epochs=3, batch_size=256, lr=0.1)
 
@@ -37,7 +37,7 @@ def runs(trained_run, tmp_path):
 def postgres():
     try:
         server = Server()
-    except RuntimeError as e:
+    except NotInstalled as e:
         pytest.skip(str(e))
     yield server
     server.stop()

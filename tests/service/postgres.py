@@ -1,6 +1,7 @@
 """A throwaway PostgreSQL server for the tests: initdb into a temporary folder and pg_ctl start it on a Unix socket
 only (as the postgres user when the tests run as root, which initdb refuses). $EXPUNGE_TEST_POSTGRES, a URL,
-uses an existing server instead. Tests skip, saying why, only where PostgreSQL is not installed."""
+uses an existing server instead. Tests skip, saying why, only where PostgreSQL is not installed (NotInstalled); a
+server that is installed but fails to start fails them."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def binaries() -> str | None:
     return None
 
 
+class NotInstalled(RuntimeError):
+    """No PostgreSQL to start here."""
+
+
 class Server:
     """A running server; ``database()`` makes a fresh database and returns its URL."""
 
@@ -37,26 +42,26 @@ class Server:
             return
         bin_dir = binaries()
         if bin_dir is None:
-            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
+            raise NotInstalled("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
         self.folder = tempfile.mkdtemp(prefix="expunge-pg-")
-        as_user = []
-        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        self.as_user = {}
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root: run them as the postgres user
             try:
                 user = pwd.getpwnam("postgres")
             except KeyError:
-                raise RuntimeError("running as root and there is no postgres user to run PostgreSQL as") from None
+                raise NotInstalled("running as root and there is no postgres user to run PostgreSQL as "
+                                   "(the postgresql package makes one)") from None
             os.chown(self.folder, user.pw_uid, user.pw_gid)
-            as_user = ["runuser", "-u", "postgres", "--"]
-        data, self.as_user, self.pg_ctl = f"{self.folder}/data", as_user, f"{bin_dir}/pg_ctl"
-        self._run(as_user + [f"{bin_dir}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                             "--no-sync"])
+            self.as_user = dict(user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                                env=dict(os.environ, HOME=user.pw_dir, USER="postgres", LOGNAME="postgres"))
+        data, self.pg_ctl = f"{self.folder}/data", f"{bin_dir}/pg_ctl"
+        self._run([f"{bin_dir}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
         options = f"-k {self.folder} -c listen_addresses='' -p {PORT} -c fsync=off -c max_connections=200"
-        self._run(as_user + [self.pg_ctl, "-D", data, "-o", options, "-l", f"{self.folder}/log", "-w", "start"])
+        self._run([self.pg_ctl, "-D", data, "-o", options, "-l", f"{self.folder}/log", "-w", "start"])
         self.admin_url = f"postgresql://postgres@/postgres?host={self.folder}&port={PORT}"
 
-    @staticmethod
-    def _run(command):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    def _run(self, command):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.folder, **self.as_user)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command[:6])}... failed: {done.stderr.strip() or done.stdout.strip()}")
 
@@ -79,6 +84,6 @@ class Server:
     def stop(self) -> None:
         if self.folder is None:
             return
-        subprocess.run(self.as_user + [self.pg_ctl, "-D", f"{self.folder}/data", "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run([self.pg_ctl, "-D", f"{self.folder}/data", "-m", "immediate", "stop"], capture_output=True,
+                       timeout=60, cwd=self.folder, **self.as_user)
         shutil.rmtree(self.folder, ignore_errors=True)
