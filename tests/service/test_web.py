@@ -2,7 +2,6 @@
 `expunge serve` in its own process: sign in, the queue count changes after a submission, the batch and the verified
 ledger appear once a worker has applied it."""
 
-import os
 import shutil
 import socket
 import subprocess

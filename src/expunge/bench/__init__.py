@@ -5,7 +5,8 @@ BENCHMARKS = {"deltagrad": "expunge.bench.deltagrad", "certified": "expunge.benc
               "sisa": "expunge.bench.sisa", "forgetting": "expunge.bench.forgetting",
               "dp-engine": "expunge.bench.dp_engine", "dp-mnist": "expunge.bench.dp_mnist",
               "dp-optimizers": "expunge.bench.dp_optimizers",
-              "dp-filters": "expunge.bench.dp_filters", "dp-optimizers-long": "expunge.bench.dp_optimizers_long"}
+              "dp-filters": "expunge.bench.dp_filters", "dp-optimizers-long": "expunge.bench.dp_optimizers_long",
+              "service": "expunge.bench.service"}
 
 
 def report(rows: list[dict], json_out, table, plot, console=None) -> list[dict]:

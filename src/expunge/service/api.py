@@ -28,22 +28,21 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, S
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..errors import ExpungeError
-from ..unlearn.audit import check_receipt, make_receipt, verify_run
-from ..integrity import reconcile
 from ..artifact import RunDirectory
+from ..errors import ExpungeError
+from ..integrity import reconcile
+from ..unlearn.audit import check_receipt, make_receipt, verify_run
 from ..unlearn.run import MAX_TEXT, reading_verifier
-from .tokens import TokenCache
 from .metrics import Metrics
 from .queue import APPLIED, GroupCommit, Queue
 from .runs import RunCatalog, UnknownRun, run_summary
 from .store import Database
-from .tokens import Principal
+from .tokens import Principal, TokenCache
 
 log = logging.getLogger("expunge.service.api")
 

@@ -35,7 +35,7 @@ class Workers:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="expunge-workers", daemon=True)
 
-    def start(self) -> "Workers":
+    def start(self) -> Workers:
         self.processes = [self._spawn() for _ in range(self.n)]
         self.thread.start()
         return self
@@ -69,7 +69,6 @@ def serve(runs, db_url: str, host: str = "127.0.0.1", port: int = 8000, workers:
     import uvicorn
 
     from .api import MAX_BODY, create_app
-
     from .runs import RunCatalog
 
     configure()

@@ -313,4 +313,4 @@ def run_worker(runs, db_url: str, signing_key=None, stop: threading.Event | None
     Worker(runs, db_url, signing_key=signing_key).run_forever(stop)
 
 
-__all__ = ["Worker", "run_worker", "batch_of"]
+__all__ = ["Worker", "batch_of", "run_worker"]
