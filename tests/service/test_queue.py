@@ -1,12 +1,15 @@
 """The queue: batches fill up to max_batch or wait max_wait, hold one kind in arrival order, wait while paused, and a
-batch a stopped worker left is handed back first; identical open requests of one token are one request."""
+batch a stopped worker left is handed back first; identical open requests of one token are one request, also when
+submitted together from many threads and committed as one group."""
 
+import threading
 import time
 
 import pytest
 
 from expunge.errors import ExpungeError
-from expunge.service import Policy, Queue, tokens
+from expunge.service import Database, Policy, Queue, tokens
+from expunge.service.queue import GroupCommit
 
 
 @pytest.fixture
@@ -86,6 +89,49 @@ def test_identical_open_requests_of_one_token_are_one_request(queue, principal, 
     other = tokens.create(sqlite_db, "requester", "other")[1]
     third, dup_third = queue.submit("r", "forget", other, ids=[1, 2])
     assert not dup and dup_again and again["id"] == first["id"] and not dup_third and third["id"] != first["id"]
+
+
+def test_submissions_from_many_threads_are_committed_in_groups_each_once(db_url):
+    db = Database(db_url).create()
+    queue = Queue(db)
+    one, two = (tokens.create(db, "requester", name)[1] for name in ("one", "two"))
+    commits = GroupCommit(queue, most=16)
+    # 40 threads at once: 20 distinct requests of token one, each sent twice; and token two's copy of the first
+    items = [dict(run="r", kind="forget", principal=one, ids=[i]) for i in range(20)] * 2
+    items.append(dict(run="r", kind="forget", principal=two, ids=[0]))
+    futures, start = [None] * len(items), threading.Barrier(len(items))
+
+    def send(k):
+        start.wait()
+        futures[k] = commits.submit(**items[k])
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    answers = [f.result(timeout=60) for f in futures]
+    assert queue.count() == 21  # each distinct request once, whichever group its copies fell in
+    by_ids = {}
+    for item, (row, duplicate) in zip(items, answers):
+        by_ids.setdefault((item["principal"].token_id, tuple(item["ids"])), []).append((row["id"], duplicate))
+    assert all(len({r for r, _ in copies}) == 1 for copies in by_ids.values())  # the copies got one request id
+    assert all(sorted(d for _, d in copies) == [False, True] for key, copies in by_ids.items() if key[0] == one.token_id)
+    assert queue.get(by_ids[(two.token_id, (0,))][0][0])["token_id"] == two.token_id
+    db.dispose()
+
+
+def test_a_failed_group_commit_answers_every_caller_and_the_next_group_is_committed(sqlite_db, principal, monkeypatch):
+    queue = Queue(sqlite_db)
+    real = queue.submit_many
+    monkeypatch.setattr(queue, "submit_many", lambda items: (_ for _ in ()).throw(RuntimeError("disk full")))
+    commits = GroupCommit(queue)
+    with pytest.raises(RuntimeError, match="disk full"):
+        commits.submit(run="r", kind="forget", principal=principal, ids=[1]).result(timeout=30)
+    assert queue.count() == 0
+    monkeypatch.setattr(queue, "submit_many", real)
+    row, duplicate = commits.submit(run="r", kind="forget", principal=principal, ids=[1]).result(timeout=30)
+    assert not duplicate and queue.get(row["id"])["status"] == "queued"
 
 
 @pytest.mark.parametrize("fields, words", [({"max_batch": 0}, "max_batch"), ({"max_wait_s": -1}, "max_wait_s"),
