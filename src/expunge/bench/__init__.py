@@ -6,7 +6,7 @@ BENCHMARKS = {"deltagrad": "expunge.bench.deltagrad", "certified": "expunge.benc
               "dp-engine": "expunge.bench.dp_engine", "dp-mnist": "expunge.bench.dp_mnist",
               "dp-optimizers": "expunge.bench.dp_optimizers",
               "dp-filters": "expunge.bench.dp_filters", "dp-optimizers-long": "expunge.bench.dp_optimizers_long",
-              "service": "expunge.bench.service"}
+              "gen": "expunge.bench.gen", "merge": "expunge.bench.merge", "service": "expunge.bench.service"}
 
 
 def report(rows: list[dict], json_out, table, plot, console=None) -> list[dict]:
