@@ -172,7 +172,7 @@ def run_case(case: str, data_dir: Path, requests: int = REQUESTS, clients: int =
         _train(case, train, test, runs / case, source)
         train_s = time.perf_counter() - start
         shutil.copytree(runs / case, baseline, ignore=shutil.ignore_patterns(".lock"))
-        say(f"[{case}] trained in {train_s:.1f} s; serving {requests} requests from {clients} clients", highlight=False)
+        say(f"{case}: trained in {train_s:.1f} s; serving {requests} requests from {clients} clients", highlight=False)
         ids = [int(i) for i in np.random.default_rng(0).choice(train.ids, requests + sample, replace=False)]
         served, single = ids[:requests], ids[requests:]
 
@@ -180,6 +180,7 @@ def run_case(case: str, data_dir: Path, requests: int = REQUESTS, clients: int =
         db = Database(db_url).create()
         queue = Queue(db)
         token = tokens.create(db, "requester", "benchmark")[0]
+        operator = tokens.create(db, "operator", "benchmark")[0]
         queue.set_policy(case, "benchmark", max_batch=MAX_BATCH, max_wait_s=MAX_WAIT_S)
         port, env = free_port(), _env()
         logs = []
@@ -201,9 +202,12 @@ def run_case(case: str, data_dir: Path, requests: int = REQUESTS, clients: int =
             _wait_for(base, server, tmp / "serve.log")
             killer = Killer(start_worker, queue)
             killer.start()
+            load_before = os.getloadavg()[0]
             t0 = time.perf_counter()
             latencies, accepted = asyncio.run(_submit_all(port, token, case, served, clients))
             submit_s = time.perf_counter() - t0
+            load_after = os.getloadavg()[0]
+            handler_s = _handler_seconds(base, operator)
             while queue.runs_with_work():
                 if time.perf_counter() - t0 > TIMEOUT_S:
                     raise ExpungeError(f"requests still open after {TIMEOUT_S} s")
@@ -232,7 +236,7 @@ def run_case(case: str, data_dir: Path, requests: int = REQUESTS, clients: int =
         statuses = {queue.get(r)["status"] for r in wanted}
         batches = [b for b in queue.batches(run=case, limit=10_000) if b["status"] == "committed"]
         batched_s = sum(b["seconds"] for b in batches)
-        say(f"[{case}] timing {sample} single-id deletions for the one-by-one baseline", highlight=False)
+        say(f"{case}: timing {sample} single-id deletions for the one-by-one baseline", highlight=False)
         singles = one_by_one(baseline, single, sample)
         verified = verify_run(runs / case).ok
         db.dispose()
@@ -251,7 +255,21 @@ def run_case(case: str, data_dir: Path, requests: int = REQUESTS, clients: int =
         "lost": len(lost), "duplicated": len(duplicated), "wrong_ids": len(wrong),
         "all_applied": statuses == {"applied"}, "deleted_exactly": deleted == set(served), "run_verified": verified,
         "max_batch": MAX_BATCH, "max_wait_s": MAX_WAIT_S,
+        # the machine while the clients submitted: the 1-minute load average (runnable processes) on its CPUs, and the
+        # server's own mean seconds per submission (validate and commit; /metrics), apart from waiting for a CPU
+        "load_avg_1m": [round(load_before, 2), round(load_after, 2)], "cpus": os.cpu_count(),
+        "server_mean_ms": handler_s * 1000,
     }
+
+
+def _handler_seconds(base: str, token: str) -> float:
+    """Mean seconds the API spent on a submission (its own histogram on /metrics)."""
+    import httpx
+
+    text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=30).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("expunge_submission_seconds_")}
+    return values["expunge_submission_seconds_sum"] / values["expunge_submission_seconds_count"]
 
 
 def _wait_for(base: str, server, log: Path, timeout: float = 120) -> None:
@@ -275,11 +293,12 @@ def table(rows: list[dict]):
 
     t = Table(title=f"Deletion-request service: {rows[0]['requests']} requests from {rows[0]['clients']} clients, "
                     "the worker killed twice (* one-by-one extrapolated from a sample)")
-    for col in ("run", "p50 ms", "p99 ms", "req/s", "all applied s", "versions", "batched update s",
+    for col in ("run", "p50 ms", "p99 ms", "server ms", "load/CPUs", "req/s", "all applied s", "versions", "batched update s",
                 "one-by-one update s", "ratio", "lost", "dup", "verified"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(r["run"], f"{r['submit_p50_ms']:.1f}", f"{r['submit_p99_ms']:.1f}", f"{r['submissions_per_s']:.0f}",
+        t.add_row(r["run"], f"{r['submit_p50_ms']:.1f}", f"{r['submit_p99_ms']:.1f}", f"{r['server_mean_ms']:.1f}",
+                  f"{max(r['load_avg_1m']):.0f}/{r['cpus']}", f"{r['submissions_per_s']:.0f}",
                   f"{r['all_applied_s']:.1f}", str(r["versions"]), f"{r['batched_update_s']:.1f}",
                   f"{r['one_by_one_update_s']:.0f}" + ("*" if r["one_by_one_extrapolated"] else ""),
                   f"{r['update_ratio']:.0f}x", str(r["lost"]), str(r["duplicated"]),
@@ -302,13 +321,15 @@ def plot(rows: list[dict], path: Path) -> None:
     left.set_xticks(x, [f"{r['run']}\n{r['versions']} versions" for r in rows])
     left.set_ylabel("update seconds for all requests")
     left.legend()
-    right.bar(x - 0.2, [r["submit_p50_ms"] for r in rows], 0.4, label="p50")
-    right.bar(x + 0.2, [r["submit_p99_ms"] for r in rows], 0.4, label="p99")
+    right.bar(x - 0.27, [r["submit_p50_ms"] for r in rows], 0.27, label="p50 (client)")
+    right.bar(x, [r["submit_p99_ms"] for r in rows], 0.27, label="p99 (client)")
+    right.bar(x + 0.27, [r["server_mean_ms"] for r in rows], 0.27, label="mean in the server")
     right.axhline(50, color="gray", linestyle="--", label="target p99 50 ms")
     right.set_xticks(x, [r["run"] for r in rows])
     right.set_ylabel("submission latency (ms)")
     right.legend()
-    fig.suptitle(f"{rows[0]['requests']} deletion requests, {rows[0]['clients']} clients, the worker killed twice")
+    fig.suptitle(f"{rows[0]['requests']} deletion requests, {rows[0]['clients']} clients, the worker killed twice "
+                 f"(load average up to {max(max(r['load_avg_1m']) for r in rows):.0f} on {rows[0]['cpus']} CPUs)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
