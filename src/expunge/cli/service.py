@@ -132,7 +132,7 @@ def token_revoke(
     db: Optional[str] = TOKEN_DB_OPTION,
     runs: Optional[Path] = TOKEN_RUNS_OPTION,
 ):
-    """Revoke a token: its next call is refused."""
+    """Revoke a token: a running service refuses it within a second (it trusts a checked token that long)."""
     from ..service import tokens
 
     tokens.revoke(_token_db(db, runs), token_id)
