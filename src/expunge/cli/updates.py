@@ -12,9 +12,9 @@ from ..unlearn import registry
 from .app import DATA_OPTION, JSON_HELP, JSON_OPTION, QUIET_OPTION, RUN_ARGUMENT, app, console, friendly, write_json
 from .report import print_certificate, print_privacy, print_report
 
-_NO_TRAJECTORY = [name for name in registry.names(registry.GRADIENT_RUN)
+_NO_TRAJECTORY = [name for name in registry.names(registry.GRADIENT_RUN, serves="forget")
                   if not getattr(registry.get(name).updater, "writes_trajectory", True)]
-METHOD_HELP = (f"Update method: {registry.help_text()}. {', '.join(_NO_TRAJECTORY)} leave no trajectory, so DeltaGrad "
+METHOD_HELP = (f"Update method: {registry.help_text(serves='forget')}. {', '.join(_NO_TRAJECTORY)} leave no trajectory, so DeltaGrad "
                "needs a retrain after them.")
 
 def _parse_lr_steps(steps: list[str]) -> tuple[tuple[int, float], ...]:
@@ -174,6 +174,9 @@ def train(
                                                      "with it (UCI Adult's adult.test writes '>50K.')."),
     test_data: Optional[Path] = typer.Option(None, help="Text tables: a held-out table read like --data (same columns "
                                              "and encoders), to report test accuracy on."),
+    init: Optional[Path] = typer.Option(None, help="Fine-tune from this run's current model instead of a fresh "
+                                        "initialisation (same model, features and classes); the run records it, and "
+                                        "`expunge merge --base INIT` merges the runs fine-tuned from it."),
     signing_key: Optional[Path] = SIGNING_KEY_OPTION,
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
@@ -204,6 +207,15 @@ def train(
         train_set = preprocess(train_set, **spec)
         test_set = preprocess(test_set, **spec) if test_set is not None else None
     source = data if data == "digits" else str(Path(data).resolve())
+    start = None
+    if init is not None:
+        from ..unlearn import RunModel
+
+        if dp or method != "deltagrad" and method != "retrain":
+            raise ExpungeError("--init fine-tunes a gradient-trained run (--method deltagrad or retrain), not "
+                               + ("a private run" if dp else f"--method {method}"))
+        start = RunModel.load(init)
+        start.architecture()  # refuses runs whose model cannot be fine-tuned from (certified, SISA)
     if dp:
         from ..unlearn.private import PrivateTraining
 
@@ -229,7 +241,7 @@ def train(
                              signing_key=signing_key)
     else:
         fitted = Fitted.train(train_set, recipe, _updater(method, T0, j0, m), out=out, test=test_set, source=source,
-                              progress=not quiet, preprocess=spec, signing_key=signing_key)
+                              progress=not quiet, preprocess=spec, signing_key=signing_key, init=start)
     report = fitted.ledger.entries()[-1]["report"]
     if not quiet:
         acc = report["metrics"].get("test_acc")

@@ -18,7 +18,7 @@ from ..recipe import BatchPlan, TrainRecipe
 from ..train import Workspace, train
 from ..trajectory import Trajectory
 from .base import UpdateReport, Updater
-from .registry import OWN_RUN, find, make_updater
+from .registry import OWN_RUN, find, make_updater, run_class
 from .run import RunModel
 
 WEIGHTS, TRAJECTORY = "weights.safetensors", "trajectory"
@@ -67,6 +67,23 @@ class Fitted(RunModel):
         pred = self.flat.predict(self.w if w is None else w, X).numpy()
         return float((pred == data.y).mean())
 
+    # ------------------------------------------------------------------ merging (see RunModel)
+
+    def architecture(self) -> dict:
+        return {"kind": "zoo", "model": self.recipe.model, "hidden": list(self.recipe.hidden), "dtype": self.recipe.dtype,
+                "n_features": self.universe.n_features, "n_classes": self.n_classes, "n_params": self.flat.n_params}
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {"w": self.w}
+
+    def state_accuracy(self, data: IndexedDataset):
+        X = torch.from_numpy(data.X).to(self.flat.dtype)
+        return lambda state: float((self.flat.predict(state["w"], X).numpy() == data.y).mean())
+
+    def write_merged(self, state: dict[str, torch.Tensor], out, record: dict, files: dict[str, bytes],
+                     signing_key=None) -> RunModel:
+        return run_class("merge").create(self, state["w"], out, record, files, signing_key)
+
     def _workspace(self, universe: IndexedDataset) -> Workspace:
         dtype = DTYPES[self.recipe.dtype]
         return Workspace(self.flat, self.recipe, self.plan, torch.from_numpy(universe.X).to(dtype),
@@ -75,13 +92,15 @@ class Fitted(RunModel):
     @classmethod
     def train(cls, data: IndexedDataset, recipe: TrainRecipe, updater: "str | Updater" = "deltagrad", out=None,
               test: IndexedDataset | None = None, source: str | None = None, progress: bool = False,
-              preprocess: dict | None = None, signing_key=None) -> "Fitted":
+              preprocess: dict | None = None, signing_key=None, init: Fitted | None = None) -> Fitted:
         """Train on ``data`` and write a new run directory at ``out`` (a temporary one if omitted).
 
         ``source`` is the spec ``load_dataset`` reads the data back from; without it the data is
         stored in the run directory; ``preprocess`` (``data.preprocess`` arguments) is re-applied to it
         when the run is reopened. ``signing_key`` (a key file; default $EXPUNGE_SIGNING_KEY) signs the
-        run's ledger rows from the first on.
+        run's ledger rows from the first on. ``init``: fine-tune from this run's current model instead of
+        the recipe's initialisation (it becomes w0, so updates and exact retraining start from it too);
+        the manifest records it, which is how `expunge merge` knows the runs share a base.
         """
         updater = make_updater(updater)
         if getattr(find(updater.name), "updates", None) == OWN_RUN:
@@ -96,20 +115,24 @@ class Fitted(RunModel):
             w = train(fitted.ws, fitted.active, fitted.w0, trajectory, progress)
             return "train", w, trajectory, {"kind": "exact", "iterations": fitted.plan.n_iterations}
 
-        return cls._train_run(data, recipe, updater, out, test, source, preprocess, fit, signing_key)
+        return cls._train_run(data, recipe, updater, out, test, source, preprocess, fit, signing_key, init)
 
     @classmethod
     def _train_run(cls, data: IndexedDataset, recipe: TrainRecipe, updater: Updater, out, test, source, preprocess,
-                   fit, signing_key=None) -> "Fitted":
+                   fit, signing_key=None, init: Fitted | None = None) -> Fitted:
         """Make the run directory, train with ``fit(fitted, stage) -> (method, w, trajectory, guarantee)``
         and commit the first version (a failed training leaves no run behind)."""
         run, manifest, created, signer = cls._new_run(data, out, test, source,
                                                       {"name": updater.name, "config": updater.config()}, preprocess,
                                                       signing_key)
         manifest["recipe"] = recipe.to_dict()
+        if init is not None:
+            manifest["init"] = init.init_record()
         with cls._creating(run, manifest, created, data, test, source):
             fitted = cls(run, manifest, data, np.ones(len(data), bool), test)
-            fitted.w0, fitted._signer = fitted.flat.get_flat(), signer
+            if init is not None:
+                fitted.check_same_architecture(init, "--init")
+            fitted.w0, fitted._signer = (fitted.flat.get_flat() if init is None else init.w.clone()), signer
             with run.staging() as stage:
                 start = time.perf_counter()
                 method, w, trajectory, guarantee = fit(fitted, stage)
@@ -156,6 +179,8 @@ class Fitted(RunModel):
                 # scrubbing and fine-tuning leave no trajectory: DeltaGrad needs a retrain after them
                 shutil.rmtree(stage / TRAJECTORY)
                 trajectory = None
+            for name, content in getattr(updater, "evidence", {}).items():  # files the update is judged by
+                (stage / name).write_bytes(content)
             metrics = self._metrics(w, new_active)
             metrics["dist_to_previous"] = float((w - self.w).norm())
             if compare and not getattr(find(updater.name), "reference", False):  # else it is the reference

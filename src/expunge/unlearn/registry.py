@@ -34,6 +34,7 @@ class Method:
     reference: bool = False  # its result is the exact reference itself (no extra retraining to compare)
     holds: tuple[str, ...] = ()  # what a run trained with this method promises (kept until an update ends it)
     keeps: tuple[str, ...] = ()  # which of those promises an update by this method keeps
+    serves: tuple[str, ...] = ("forget", "add")  # the requests it computes (a run's `kind` of update)
 
     def __post_init__(self):
         if self.updates not in (GRADIENT_RUN, OWN_RUN):
@@ -55,9 +56,11 @@ def register(method: Method) -> Method:
     return method
 
 
-def names(updates: str | None = None) -> list[str]:
-    """Registered method names, in registration order (optionally only those updating ``updates`` runs)."""
-    return [m.name for m in _METHODS.values() if updates is None or m.updates == updates]
+def names(updates: str | None = None, serves: str | None = None) -> list[str]:
+    """Registered method names, in registration order (optionally only those updating ``updates`` runs, only
+    those serving ``serves`` requests)."""
+    return [m.name for m in _METHODS.values()
+            if (updates is None or m.updates == updates) and (serves is None or serves in m.serves)]
 
 
 def get(name: str) -> Method:
@@ -83,6 +86,6 @@ def run_class(name: str) -> type:
     return get(name).run
 
 
-def help_text() -> str:
-    """'name (summary), ...' for every method, for --help."""
-    return "; ".join(f"{m.name} ({m.summary})" for m in _METHODS.values())
+def help_text(serves: str | None = None) -> str:
+    """'name (summary), ...' for every method (serving ``serves`` requests), for --help."""
+    return "; ".join(f"{m.name} ({m.summary})" for m in _METHODS.values() if serves is None or serves in m.serves)

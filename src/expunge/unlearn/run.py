@@ -159,6 +159,44 @@ class RunModel:
         """The hash of the model stored in a version folder (for `expunge verify`)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ merging
+    # expunge.merge reads runs only through these methods, so that a kind of run becomes mergeable by
+    # implementing them: the zoo runs (fitted.py) do; a Hugging Face LM run needs the same five (its
+    # config as architecture, its state dict, a scorer such as mean token loss, a merged run class).
+
+    def architecture(self) -> dict:
+        """What must be equal for two runs' models to be merged (JSON): model kind, shapes, dtype, classes."""
+        raise ExpungeError(f"{self.path} is a {self.manifest['method']['name']} run, whose model cannot be merged; "
+                           "merge runs trained by gradient descent (expunge train with deltagrad, retrain or --dp)")
+
+    def model_state(self) -> dict:
+        """The current model as named tensors (what task vectors are taken of)."""
+        self.architecture()
+        raise NotImplementedError
+
+    def state_accuracy(self, data: IndexedDataset):
+        """A function: a state of this architecture -> its accuracy on ``data``."""
+        self.architecture()
+        raise NotImplementedError
+
+    def write_merged(self, state: dict, out, record: dict, files: dict[str, bytes], signing_key=None) -> RunModel:
+        """Write ``state`` as a new run at ``out`` built on this (the base) run; ``record`` goes into its manifest
+        under "merge", ``files`` (name -> bytes) into its version folder."""
+        self.architecture()
+        raise NotImplementedError
+
+    def init_record(self) -> dict:
+        """How a run fine-tuned from this one names its start (manifest "init")."""
+        return {"path": str(self.path.resolve()), "run_id": self.run_id, "version": self.version,
+                "model_hash": self.manifest["model_hash"]}
+
+    def check_same_architecture(self, other: RunModel, what: str) -> None:
+        mine, theirs = self.architecture(), other.architecture()
+        if mine != theirs:
+            diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
+            raise ExpungeError(f"{what} {other.path} has another architecture ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
+                               "its model and this one cannot be merged or fine-tuned into each other")
+
     # ------------------------------------------------------------------ creating, opening, copying
 
     @staticmethod
@@ -353,6 +391,16 @@ class RunModel:
             raise ExpungeError("the request deletes every row of the training data; nothing would be left to train on")
         return new_active
 
+    def revise(self, updater, progress: bool = False, *, kind: str = "revise", requested_by: str | None = None,
+               reason: str | None = None, reference: str | None = None, drop_privacy: bool = False,
+               signing_key=None) -> UpdateReport:
+        """Replace the model without changing its rows: ``updater`` computes the new weights (e.g. the chosen
+        point of a forgetting trade-off, unlearn/tradeoff.py). Recorded as an ordinary version and ledger
+        row of kind ``kind``; the keyword arguments are those of ``forget``."""
+        request = Request(requested_by, reason, reference)
+        return self._serve(kind, np.zeros(0, np.int64), self.universe, self.active.copy(), updater, False, progress,
+                           request, drop_privacy, signing_key)[0]
+
     def sample_ids(self, ratio: float, seed: int = 0) -> np.ndarray:
         """A random ``ratio`` of the current rows' ids (at least one), for experiments."""
         if not 0 < ratio < 1:
@@ -524,6 +572,9 @@ class RunModel:
                drop_privacy: bool, signing_key, batch=None, committed=None) -> tuple[UpdateReport, list[Entry]]:
         """Check the guarantees the request keeps, then, holding the lock: check the run, sign, update, commit.
         Returns the report and the ledger rows made."""
+        found = find(self._method_name(method))
+        if found is not None and kind not in found.serves:
+            raise ExpungeError(f"{found.name} does not serve {kind} requests: {found.summary}")
         ends = self._guarantees_ended(method, drop_privacy)
         with self.run.lock():
             signer, notes = self._prepare_write(signing_key)
