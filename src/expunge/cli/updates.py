@@ -28,6 +28,17 @@ def _parse_lr_steps(steps: list[str]) -> tuple[tuple[int, float], ...]:
     return tuple(parsed)
 
 
+def _parse_lr(lr: str) -> bool:
+    """--lr: True for 'auto' (GeN), else it must be a number."""
+    if lr.strip().lower() == "auto":
+        return True
+    try:
+        float(lr)
+    except ValueError:
+        raise ExpungeError(f"--lr {lr!r} must be a number (e.g. 0.1) or 'auto'") from None
+    return False
+
+
 def _updater(method: str, T0: int, j0: int, m: int):
     from ..unlearn import make_updater
 
@@ -113,7 +124,11 @@ def train(
     hidden: list[int] = typer.Option([64], help="MLP hidden layer width; repeat for more layers."),
     epochs: int = typer.Option(20, help="Passes over the data."),
     batch_size: int = typer.Option(0, help="Mini-batch size; 0 means full-batch gradient descent."),
-    lr: float = typer.Option(0.1, help="Learning rate from epoch 0."),
+    lr: str = typer.Option("0.1", help="Learning rate from epoch 0, or 'auto': GeN sets it from the curvature of the "
+                           "loss along each step (forward passes on a second, recorded batch plan; started from "
+                           "--lr-start; the rates are recorded in the run). With --method retrain only."),
+    lr_start: float = typer.Option(0.1, help="With --lr auto: the rate GeN starts from."),
+    lr_every: int = typer.Option(4, help="With --lr auto: iterations between GeN's estimates."),
     lr_step: list[str] = typer.Option([], help="Step schedule EPOCH=LR, repeatable: --lr-step 10=0.05."),
     weight_decay: float = typer.Option(1e-4, help="L2 coefficient lambda (objective mean loss + lambda/2 |w|^2)."),
     dtype: str = typer.Option("float64", help="float64 (what DeltaGrad's accuracy checks assume) or float32."),
@@ -188,9 +203,17 @@ def train(
     from ..unlearn.certified import CertifiedRemoval
     from ..unlearn.sisa import SISA
 
-    recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None, lr=lr,
-                         lr_steps=_parse_lr_steps(lr_step), weight_decay=weight_decay, dtype=dtype, seed=seed,
-                         optimizer=optimizer)
+    auto = _parse_lr(lr)
+    if auto and (dp or method not in ("retrain", "deltagrad")):
+        raise ExpungeError(f"--lr auto (GeN) is available for gradient-trained runs updated by exact retraining "
+                           f"(--method retrain); not yet for {'--dp' if dp else '--method ' + method}")
+    if auto and method != "retrain":
+        raise ExpungeError("--lr auto needs --method retrain: GeN's rates depend on the rows, so only exact retraining "
+                           "recomputes them without a removed row (DeltaGrad replays a fixed schedule)")
+    recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None,
+                         lr=lr_start if auto else float(lr), lr_steps=_parse_lr_steps(lr_step),
+                         weight_decay=weight_decay, dtype=dtype, seed=seed, optimizer=optimizer, lr_auto=auto,
+                         lr_every=lr_every)
     spec = None
     if classes or l2_normalize:
         try:
@@ -249,6 +272,10 @@ def train(
             method, recipe.model)
         console.print(f"trained {what} on {len(train_set)} rows in {report['seconds']:.2f} s"
                       + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + f" -> {out}")
+        if recipe.lr_auto and getattr(fitted, "rates", None) is not None:
+            rates = fitted.rates
+            console.print(f"GeN learning rate: {rates[0]:.4g} at the start, {rates.min():.4g}..{rates.max():.4g} "
+                          f"during training, {rates[-1]:.4g} at the end (recorded in the run's trajectory)")
         if method == "certified":
             print_certificate(report["guarantee"])
         if method == "dp":

@@ -244,6 +244,8 @@ class CertifiedRemoval:
         if recipe is not None and getattr(recipe, "model", "logreg") != "logreg":
             raise ExpungeError(f"certified removal needs a linear model, not {recipe.model!r}; for a deep net, train a "
                                "certified linear head on features from a fixed extractor (expunge.unlearn.certified.extract_features)")
+        if getattr(recipe, "lr_auto", False):
+            raise ExpungeError("certified removal solves its objective exactly and has no learning rate: drop lr_auto")
         return CertifiedFitted.train(data, self.settings, out=out, test=test, source=source, preprocess=preprocess,
                                      signing_key=signing_key)
 

@@ -47,6 +47,14 @@ class Fitted(RunModel):
         self.updater = make_updater(manifest["method"]["name"], **manifest["method"]["config"])
 
     @property
+    def rates(self) -> np.ndarray | None:
+        """The learning rate applied at each iteration of the current model's training (None for runs written before
+        rates were recorded, or after an update that leaves no trajectory)."""
+        if self.trajectory is None or self.trajectory.rates is None:
+            return None
+        return np.asarray(self.trajectory.rates)
+
+    @property
     def model(self) -> torch.nn.Module:
         """The current model as a plain ``torch.nn.Module``."""
         return self.flat.set_flat(self.w)
@@ -108,6 +116,7 @@ class Fitted(RunModel):
         if recipe.optimizer != "SGD":
             raise ExpungeError(f"DeltaGrad and exact retraining replay plain SGD, not {recipe.optimizer}; "
                                "use --method sisa for other optimizers")
+        _check_auto_rate(recipe, updater.name)
 
         def fit(fitted: "Fitted", stage: Path):
             trajectory = Trajectory.create(stage / TRAJECTORY, fitted.plan.n_iterations, fitted.flat.n_params,
@@ -163,6 +172,7 @@ class Fitted(RunModel):
         updater = self.updater if method is None else make_updater(method)
         if not hasattr(updater, "update"):  # certified, sisa: they train runs of their own
             raise ExpungeError(f"{updater.name} needs a run trained for it (expunge train --method {updater.name})")
+        _check_auto_rate(self.recipe, updater.name)
         if getattr(updater, "reads_trajectory", False) and self.trajectory is None and self.trajectory_problem:
             raise ExpungeError(f"the cached trajectory is damaged ({self.trajectory_problem}); update with --method "
                                "retrain, which rebuilds it")
@@ -222,3 +232,12 @@ class Fitted(RunModel):
                 self.ws = ws
 
         self._commit(stage, report, universe, active, adopt, changes)
+
+
+def _check_auto_rate(recipe: TrainRecipe, method: str) -> None:
+    """GeN's rates depend on the rows (its probes read them): only exact retraining recomputes them without the
+    removed rows. Every other method keeps or replays rates that removed rows helped choose."""
+    if recipe.lr_auto and method != "retrain":
+        raise ExpungeError(f"this run's learning rate is automatic (GeN, --lr auto): its rates depend on the rows, so "
+                           f"only exact retraining recomputes them without a removed row; use --method retrain, not "
+                           f"{method}")

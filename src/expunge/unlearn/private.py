@@ -129,6 +129,9 @@ class PrivateFitted(Fitted):
     def train(cls, data: IndexedDataset, recipe: TrainRecipe, updater: PrivateTraining, out=None, test=None,
               source=None, progress=False, preprocess=None, signing_key=None) -> "PrivateFitted":
         updater.check(recipe, len(data))
+        if recipe.lr_auto:
+            raise ExpungeError("private runs do not set their rate with GeN yet (its probes would need privatising: "
+                               "expunge.privacy.PrivateLossProbe): give a fixed --lr")
 
         def fit(fitted: "PrivateFitted", stage):
             w, privacy = updater.train(fitted.ws, fitted.active, fitted.w0, progress)

@@ -268,6 +268,9 @@ class SISAFitted(RunModel):
               source=None, preprocess: dict | None = None, signing_key=None) -> "SISAFitted":
         if settings.shards > len(data):
             raise ExpungeError(f"{settings.shards} shards for {len(data)} rows: use at most one shard per row")
+        if recipe.lr_auto:
+            raise ExpungeError("SISA does not set its shards' rates with GeN yet: give a fixed --lr (lr_auto is for "
+                               "runs updated by exact retraining)")
         run, manifest, created, signer = cls._new_run(data, out, test, source,
                                                       {"name": "sisa", "config": asdict(settings)}, preprocess,
                                                       signing_key)
