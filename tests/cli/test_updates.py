@@ -95,14 +95,14 @@ def test_both_ids_and_ratio_is_a_clean_error(run, tmp_path):
     ids_file = write_ids(tmp_path / "ids.txt", [0])
     before = snapshot(run)
     result = invoke("forget", run, "--ids", ids_file, "--ratio", "0.01")
-    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R or --class K")
+    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R, --class K or --group G")
     assert snapshot(run) == before
 
 
 def test_neither_ids_nor_ratio_is_a_clean_error(run):
     before = snapshot(run)
     result = invoke("forget", run)
-    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R or --class K")
+    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R, --class K or --group G")
     assert snapshot(run) == before
 
 

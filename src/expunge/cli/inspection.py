@@ -37,6 +37,10 @@ def info(
     if summary["recipe"]:
         table.add_row("recipe", json.dumps(summary["recipe"]))
     table.add_row("method", json.dumps(summary["method"]))
+    if hasattr(fitted, "describe"):  # a language-model run: its model folder, groups, LoRA, threads
+        from .lm import describe_lm
+
+        describe_lm(fitted, table, summary)
     if hasattr(fitted, "guarantee"):
         summary["certificate"] = fitted.guarantee()
         table.add_row("certificate", json.dumps(summary["certificate"]))
@@ -83,9 +87,12 @@ def evaluate(
     """Score a model against exact retraining: forget/retain/test accuracy, distance and KL to the
     retrained model, membership inference on the forget set, relearn steps; writes JSON, Markdown, a plot."""
     from .. import evaluate as ev
-    from ..unlearn import RunModel
+    from ..unlearn import RunModel, registry
 
     fitted = RunModel.load(run)
+    if fitted.kind != registry.TABULAR:
+        raise ExpungeError(f"{run} is a language-model run; this evaluation scores classifiers (the language-model "
+                           "metrics arrive with the LM unlearning methods)")
     if not hasattr(fitted, "model"):
         raise ExpungeError(f"{run} has no single torch model to score")
     deleted = np.flatnonzero(~fitted.active)

@@ -15,10 +15,11 @@ from .recipe import LMRecipe
 from .setup import LMSetup, prepare
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 from .train import TrainResult, dp_hook, lm_plan, make_optimizer, make_schedule, row_losses, train_lm
-from .weights import load_state, save_pretrained, save_state, weights_hash
+from .weights import folder_hash, frozen_hash, load_state, save_pretrained, save_state, weights_hash
 
 __all__ = ["Corpus", "LMRecipe", "LMSetup", "LoadedLM", "TINY_ARCHITECTURES", "TokenDataset", "TrainResult",
            "apply_lora", "check_max_length", "check_vocab", "default_lora_targets", "dp_hook", "encode",
-           "find_smollm2_gguf", "is_lora", "lm_plan", "load_corpus", "load_lm", "load_state", "load_tokenizer",
+           "find_smollm2_gguf", "folder_hash", "frozen_hash", "is_lora", "lm_plan", "load_corpus", "load_lm",
+           "load_state", "load_tokenizer",
            "make_optimizer", "make_schedule", "merged", "prepare", "resolve_device", "resolve_dtype", "row_losses",
            "save_pretrained", "save_state", "train_bpe_tokenizer", "train_lm", "trim_padding", "weights_hash"]

@@ -208,17 +208,20 @@ def _count(result: TrainResult, batch: dict[str, torch.Tensor]) -> None:
 
 
 def dp_hook(*, target_epsilon: float | None = None, target_delta: float | None = None,
-            noise_multiplier: float | None = None, max_grad_norm: float = 1.0, **make_private_options) -> PrivateHook:
+            noise_multiplier: float | None = None, max_grad_norm: float = 1.0, physical_batch_size: int | None = None,
+            **make_private_options) -> PrivateHook:
     """A private-training hook from ``expunge.privacy.make_private``: the expected logical batch is the recipe's
-    ``batch_size * grad_accum`` rows, physical batches ``batch_size`` rows, ``epochs`` and ``seed`` from the recipe,
-    loss reduction "mean". Other options (clipping, clip_fn, accountant, transforms...) pass through."""
+    ``batch_size * grad_accum`` rows, physical batches ``physical_batch_size`` rows (default the recipe's
+    ``batch_size``), ``epochs`` and ``seed`` from the recipe, loss reduction "mean". Other options (clipping,
+    clip_fn, accountant, prior_phases, transforms...) pass through."""
 
     def hook(model, optimizer, data: TokenDataset, recipe: LMRecipe):
         from ..privacy import make_private
 
         if recipe.step_rows > len(data):
             raise ExpungeError(f"the expected batch ({recipe.step_rows} rows) is larger than the data ({len(data)} rows)")
-        return make_private(model, optimizer, data, batch_size=recipe.step_rows, physical_batch_size=recipe.batch_size,
+        return make_private(model, optimizer, data, batch_size=recipe.step_rows,
+                            physical_batch_size=physical_batch_size or recipe.batch_size,
                             epochs=recipe.epochs, target_epsilon=target_epsilon, target_delta=target_delta,
                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, seed=recipe.seed,
                             loss_reduction="mean", **make_private_options)

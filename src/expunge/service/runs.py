@@ -155,7 +155,7 @@ class RunCatalog:
         order = np.argsort(ids, kind="stable")
         view = RunView(name, model.run_id, model.version, model.manifest["ledger"]["head"], ids[order],
                        model.active[order], model.universe.n_features, model.n_classes,
-                       {g: np.sort(v) for g, v in model.groups().items()}, model.version)
+                       {g: np.sort(v) for g, v in model.group_members().items()}, model.version)
         self._base[name] = (model.run_id, ids[: model.n_base].copy(), model.n_base)
         self._views[name] = view
         return view

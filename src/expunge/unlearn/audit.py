@@ -105,7 +105,7 @@ def verify_run(path, verifier=None, pinned: bool = False) -> Verification:
     files = run.check_files(manifest)
     result.problems += files
     result.checked.append(f"files: {len(manifest['files'])} of version {manifest['version']}"
-                          + (" and base.npz" if manifest["data"].get("base_sha256") else ""))
+                          + (f" and {manifest['data'].get('base_file', 'base.npz')}" if manifest["data"].get("base_sha256") else ""))
     current = run.current(manifest)
     for folder in sorted(p for p in run.versions.iterdir() if p.is_dir()) if run.versions.is_dir() else []:
         if folder != current:

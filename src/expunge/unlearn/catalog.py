@@ -6,9 +6,10 @@ from .certified import CertifiedFitted, CertifiedRemoval
 from .deltagrad import DeltaGrad
 from .fisher import Fisher
 from .fitted import Fitted
+from .lm_run import LMPrivateTraining, LMRetrain, LMRun, PrivateLMRun
 from .merged import Merge, MergedFitted
 from .private import PrivateFitted, PrivateTraining
-from .registry import CERTIFIED, EXACT, GRADIENT_RUN, OWN_RUN, PRIVATE, Method, register
+from .registry import CERTIFIED, EXACT, GRADIENT_RUN, LM_RUN, OWN_RUN, PRIVATE, Method, register
 from .retrain import Retrain
 from .sisa import SISA, SISAFitted
 from .tradeoff import Tradeoff
@@ -32,3 +33,9 @@ register(Method("tradeoff", Tradeoff, Fitted, GRADIENT_RUN,
                 "its forget and retain metrics evaluated", serves=("tradeoff",)))
 register(Method("merge", Merge, MergedFitted, OWN_RUN,
                 "a merged model (`expunge merge`); no updates: forget in the merged runs and merge again", serves=()))
+register(Method("lm-retrain", LMRetrain, LMRun, LM_RUN,
+                "exact retraining of a language model (what retrain means on an LM run)", reference=True,
+                keeps=(EXACT,), alias="retrain"))
+register(Method("lm-dp", LMPrivateTraining, PrivateLMRun, OWN_RUN,
+                "exact private retraining of a language model (what dp means on an LM run); runs trained with "
+                "--task lm --dp", reference=True, holds=(PRIVATE,), keeps=(PRIVATE, EXACT), alias="dp"))

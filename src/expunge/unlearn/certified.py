@@ -42,7 +42,7 @@ from ..data import IndexedDataset
 from ..errors import ExpungeError
 from ..models import weights_hash
 from .base import UpdateReport
-from .run import RunModel
+from .run import TabularRun
 
 GAMMA = 0.25  # Lipschitz constant of the logistic loss's second derivative used by the paper
 WEIGHTS, STATE, PRECONDITIONER = "weights.safetensors", "certified.json", "cache/preconditioner.safetensors"
@@ -284,7 +284,7 @@ class LinearScores(torch.nn.Module):
         return torch.cat([torch.zeros_like(scores), scores], 1) if scores.shape[1] == 1 else scores
 
 
-class CertifiedFitted(RunModel):
+class CertifiedFitted(TabularRun):
     """A certified linear model bound to its run directory; removals spend the epsilon budget."""
 
     own_retraining = True  # "retrain" retrains with fresh noise: the certificate starts over, it is kept

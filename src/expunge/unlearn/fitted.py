@@ -19,7 +19,7 @@ from ..train import Workspace, train
 from ..trajectory import Trajectory
 from .base import UpdateReport, Updater
 from .registry import OWN_RUN, find, make_updater, run_class
-from .run import RunModel
+from .run import RunModel, TabularRun
 
 WEIGHTS, TRAJECTORY = "weights.safetensors", "trajectory"
 
@@ -33,7 +33,7 @@ class FitMixin:
                             signing_key=signing_key)
 
 
-class Fitted(RunModel):
+class Fitted(TabularRun):
     def __init__(self, run, manifest: dict, universe: IndexedDataset, active: np.ndarray,
                  test: IndexedDataset | None, w: torch.Tensor | None = None, w0: torch.Tensor | None = None,
                  trajectory: Trajectory | None = None):

@@ -151,8 +151,3 @@ class PrivateFitted(Fitted):
     def _reference(self, ws: Workspace, new_active: np.ndarray, progress: bool) -> torch.Tensor:
         return self.updater.train(ws, new_active, self.w0, progress)[0]
 
-    def _commit(self, stage, report, universe, active, adopt=lambda folder: None, changes=None):
-        privacy = report.guarantee.get("privacy")
-        if privacy is not None:  # a private (re)training: the model is private again, whatever came before
-            changes = dict(changes or {}, privacy=privacy, privacy_ended=None)
-        return super()._commit(stage, report, universe, active, adopt, changes)

@@ -1,10 +1,13 @@
 """RunModel: a trained model bound to its run directory, serving forget and add requests.
 
-What every method shares lives here: the data the run was trained on (read back from its source
-and checked by fingerprint), the mask of active rows, request validation, the guarantees a run keeps,
-save/load, and the commit of a new version with its ledger row. Each method's subclass (``Fitted`` for
-gradient-trained models, ``CertifiedFitted`` for certified removal, ...) computes updates and writes its
-own files.
+What every run shares lives here: a universe of rows with stable ids (``ids``, ``rows_of``, ``take``,
+``fingerprint``, ``len``: an ``IndexedDataset`` of features and labels, or an LM ``Corpus``) read back from its
+source and checked by fingerprint, the mask of active rows, request validation, the guarantees a run keeps,
+save/load, and the commit of a new version with its ledger row. ``TabularRun`` adds what runs on features
+and labels share (their data files, the number of classes, added rows); each method's subclass (``Fitted``
+for gradient-trained models, ``CertifiedFitted`` for certified removal, ``LMRun`` for language models, ...)
+computes updates and writes its own files. ``RunModel.load`` reads the manifest, finds the run class its
+method names, and lets that class read its own data.
 
 Opening a run checks its manifest against the ledger's head and the current version's files (integrity.py);
 a request then takes the run's lock, checks the whole chain, computes into a staging folder and only then
@@ -35,9 +38,10 @@ from ..ledger import Entry, Ledger, make_entry
 from ..signing import ED25519, load_signer, verifier_from_pem
 from ..tables import integer_values
 from .base import UpdateReport
-from .registry import CERTIFIED, EXACT, PRIVATE, find, get, run_class
+from .registry import (CERTIFIED, EXACT, KIND_NAMES, PRIVATE, TABULAR, find, get, kind_of, resolve, run_class,
+                       runs_of_kind)
 
-ROWS, BASE = "rows.npz", "base.npz"
+ROWS, BASE = "rows.npz", "base.npz"  # the tabular runs' data files
 MAX_TEXT = 2000  # characters of --requested-by, --reason, --reference
 
 
@@ -99,15 +103,18 @@ def reading_verifier(manifest: dict):
 
 
 class RunModel:
+    # what kind of data the run is trained on (registry.TABULAR or registry.LM): which methods can update it
+    kind = TABULAR
     # "retrain" on this kind of run is the run's own retraining (private runs retrain privately,
     # certified runs with fresh noise): it keeps the run's guarantees
     own_retraining = False
+    # the file that keeps a copy of training data with no loadable source
+    base_file = BASE
 
-    def __init__(self, run: RunDirectory, manifest: dict, universe: IndexedDataset, active: np.ndarray,
-                 test: IndexedDataset | None):
+    def __init__(self, run: RunDirectory, manifest: dict, universe, active: np.ndarray, test=None):
         self.run, self.manifest = run, manifest
         self.universe, self.active, self.test = universe, active, test
-        self.n_base, self.n_classes = manifest["data"]["n_base"], manifest["data"]["n_classes"]
+        self.n_base = manifest["data"]["n_base"]
         self.pending: Entry | None = None  # the manifest's last row, missing from the ledger file (a crash)
         self.pending_rows: list[Entry] = []  # every row the ledger file lacks (a whole batch, or just that one)
         self.cache_problems: list[Problem] = []  # damaged caches (a trajectory): retraining rebuilds them
@@ -125,7 +132,7 @@ class RunModel:
         return self.manifest["version"]
 
     @property
-    def data(self) -> IndexedDataset:
+    def data(self):
         """The rows the current model is trained on."""
         return self.universe.take(np.flatnonzero(self.active))
 
@@ -158,6 +165,10 @@ class RunModel:
     def stored_model_hash(cls, folder: Path, manifest: dict) -> str:
         """The hash of the model stored in a version folder (for `expunge verify`)."""
         raise NotImplementedError
+
+    def accuracy(self, *args, **kwargs) -> float | None:
+        """Test accuracy, for runs that have labels and a test split (None otherwise)."""
+        return None
 
     # ------------------------------------------------------------------ merging
     # expunge.merge reads runs only through these methods, so that a kind of run becomes mergeable by
@@ -200,14 +211,9 @@ class RunModel:
     # ------------------------------------------------------------------ creating, opening, copying
 
     @staticmethod
-    def _new_run(data: IndexedDataset, out, test: IndexedDataset | None, source: str | None,
-                 method: dict, preprocess_spec: dict | None = None, signing_key=None):
-        """Check the training data, the signing key and the target folder; return the run, its first
-        manifest, whether the folder is new (so a failed training can remove it), and the signer."""
-        if len(data) == 0:
-            raise ExpungeError("the training data is empty")
-        if data.y.min() < 0:
-            raise ExpungeError("labels must be integers 0..K-1")
+    def _new_directory(out, signing_key=None):
+        """Check the signing key and the target folder; return the run, whether the folder is new (so a failed
+        training can remove it) and the signer."""
         signer = load_signer(signing_key)
         if out is None:
             out, created = Path(tempfile.mkdtemp(prefix="expunge-run-")), True
@@ -220,20 +226,15 @@ class RunModel:
             raise ExpungeError(f"{out} already holds a run; choose another --out or remove it first")
         if run.ledger.exists():
             raise ExpungeError(f"{out} holds a ledger but no manifest (a damaged run?); choose another --out")
-        n_classes = max(data.n_classes, test.n_classes if test is not None else 0)
-        manifest = {
-            "run_id": uuid.uuid4().hex,
-            "data": {"name": data.name, "source": source, "fingerprint": data.fingerprint(), "n_base": len(data),
-                     "n_features": data.n_features, "n_classes": n_classes, "preprocess": preprocess_spec,
-                     "read": data.read_spec},
-            "method": method,
-            "version": 0,
-        }
-        return run, manifest, created, signer
+        return run, created, signer
+
+    @staticmethod
+    def _first_manifest(data: dict, method: dict) -> dict:
+        return {"run_id": uuid.uuid4().hex, "data": data, "method": method, "version": 0}
+
     @classmethod
     @contextlib.contextmanager
-    def _creating(cls, run: RunDirectory, manifest: dict, created: bool, data: IndexedDataset,
-                  test: IndexedDataset | None, source: str | None):
+    def _creating(cls, run: RunDirectory, manifest: dict, created: bool, data, test, source):
         """The frame of every training: hold the lock, keep a copy of data with no source, and
         remove a half-made run directory if training fails."""
         try:
@@ -246,29 +247,35 @@ class RunModel:
                 shutil.rmtree(run.path, ignore_errors=True)
             raise
 
-    @staticmethod
-    def _store_base(run: RunDirectory, data: IndexedDataset, test: IndexedDataset | None, manifest: dict) -> None:
-        """Keep a copy of data that has no loadable source, so the run can be reopened."""
-        arrays = {"X": data.X, "y": data.y, "ids": data.ids}
-        if test is not None:
-            arrays.update(X_test=test.X, y_test=test.y, ids_test=test.ids)
+    @classmethod
+    def _store_base(cls, run: RunDirectory, data, test, manifest: dict) -> None:
+        """Keep a copy of data that has no loadable source (``base_file``, written by ``_write_base``), so the run
+        can be reopened; the manifest records its hash (and its name, when it is not base.npz)."""
         run.path.mkdir(parents=True, exist_ok=True)
-        tmp = run.path / f".{BASE}.{uuid.uuid4().hex[:8]}.tmp.npz"
-        np.savez(tmp, **arrays)
+        tmp = run.path / f".{cls.base_file}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            cls._write_base(f, data, test)
         fsync_path(tmp)
-        tmp.replace(run.path / BASE)
+        tmp.replace(run.path / cls.base_file)
         fsync_path(run.path)
-        manifest["data"]["base_sha256"] = file_sha256(run.path / BASE)
+        manifest["data"]["base_sha256"] = file_sha256(run.path / cls.base_file)
+        if cls.base_file != BASE:
+            manifest["data"]["base_file"] = cls.base_file
+
+    @staticmethod
+    def _write_base(f, data, test) -> None:
+        """Write the stored copy of the training (and test) data to the open binary file ``f``."""
+        raise NotImplementedError
 
     @classmethod
-    def load(cls, path, data: IndexedDataset | None = None, test: IndexedDataset | None = None,
-             preprocessed: bool = False) -> "RunModel":
+    def load(cls, path, data=None, test=None, preprocessed: bool = False) -> RunModel:
         """Open a run directory, checking its manifest against the ledger's head and every file of the
         current version against the manifest (a damaged cache is noted in ``cache_problems``, not refused).
 
-        ``data`` must be the dataset the run was trained on; by default it is read back from the
-        source recorded at training time (or from the copy stored in the run directory). ``test``
-        is the held-out split accuracies are reported on (by default the source's). The run's
+        The run class is the one its manifest's method names; it reads its own data. ``data`` must be the data
+        the run was trained on (an ``IndexedDataset``, or a ``Corpus`` for a language-model run); by default it
+        is read back from the source recorded at training time (or from the copy stored in the run directory).
+        ``test`` is the held-out split accuracies are reported on (by default the source's). The run's
         preprocessing (class selection, row scaling) is applied to them unless ``preprocessed``.
         Opening never writes: a row the ledger file lacks is kept in ``pending`` for the next write."""
         run = RunDirectory(path)
@@ -278,16 +285,11 @@ class RunModel:
         if any(not p.cache for p in problems):
             raise refusal([p for p in problems if not p.cache], run.path)
         folder = run.current(manifest)
-        base, source_test = cls._base_data(run, manifest, data, preprocessed)
-        with np.load(folder / ROWS) as rows:
-            added = IndexedDataset(rows["X"], rows["y"], rows["ids"], base.name)
-            active = rows["active"]
-        universe = base.concat(added) if len(added) else base
         model_class = run_class(manifest["method"]["name"])
+        universe, active, test = model_class._read_data(run, manifest, folder, data, test, preprocessed)
         caches = [p for p in problems if p.cache]
         damaged = {p.where.split("/", 2)[2] for p in caches}  # paths inside the version folder
-        model = model_class._open(run, manifest, folder, universe, active, source_test if test is None else test,
-                                  damaged)
+        model = model_class._open(run, manifest, folder, universe, active, test, damaged)
         model.pending, model.pending_rows, model.cache_problems = state.pending, state.pending_rows, caches
         if model.current_model_hash() != manifest["model_hash"]:
             raise refusal([Problem(f"versions/{folder.name}", "the stored model does not hash to the model hash the "
@@ -297,8 +299,7 @@ class RunModel:
 
     @classmethod
     @contextlib.contextmanager
-    def locked(cls, path, data: IndexedDataset | None = None, test: IndexedDataset | None = None,
-               wait: float = LOCK_WAIT):
+    def locked(cls, path, data=None, test=None, wait: float = LOCK_WAIT):
         """Hold the run's lock from loading to the end of the block, so that requests made in it never meet a
         newer version written by another process (waits up to ``wait`` seconds for another writer)::
 
@@ -312,34 +313,33 @@ class RunModel:
             yield cls.load(path, data, test)
 
     @classmethod
-    def _open(cls, run, manifest, folder: Path, universe, active, test, damaged=frozenset()) -> "RunModel":
+    def _read_data(cls, run: RunDirectory, manifest: dict, folder: Path, data, test, preprocessed: bool):
+        """(universe, active rows, test split) of the current version: the training data (``data``, or read back
+        from its source or stored copy, checked by fingerprint) with the version's own rows."""
+        raise NotImplementedError
+
+    @classmethod
+    def _open(cls, run, manifest, folder: Path, universe, active, test, damaged=frozenset()) -> RunModel:
         raise NotImplementedError
 
     @staticmethod
-    def _base_data(run: RunDirectory, manifest: dict, data: IndexedDataset | None, preprocessed: bool = False):
-        info, test = manifest["data"], None
-        if data is None and info.get("source"):
-            data, test = load_dataset(info["source"], read_spec=info.get("read"))  # read as at training
-        if data is not None and info.get("preprocess") and not preprocessed:  # the same selection and scaling as at training
-            data = preprocess(data, **info["preprocess"])
-            test = preprocess(test, **info["preprocess"]) if test is not None else None
-        if data is None:
-            base = run.path / BASE
-            if not base.exists() or file_sha256(base) != info.get("base_sha256"):
-                raise ExpungeError(f"{base} is missing or corrupted; the run's training data cannot be recovered")
-            with np.load(base) as z:
-                data = IndexedDataset(z["X"], z["y"], z["ids"], info["name"])
-                if "X_test" in z.files:
-                    test = IndexedDataset(z["X_test"], z["y_test"], z["ids_test"], f"{info['name']}-test")
+    def _check_fingerprint(run: RunDirectory, info: dict, data) -> None:
         if data.fingerprint() != info["fingerprint"]:
             raise ExpungeError(
                 f"this dataset ({data.name}, {len(data)} rows, fingerprint {data.fingerprint()}) is not the one "
                 f"{run.path} was trained on ({info['name']}, {info['n_base']} rows, fingerprint {info['fingerprint']}); "
                 "pass the run's own training data"
             )
-        return data, test
 
-    def save(self, path) -> "RunModel":
+    @classmethod
+    def _stored_base(cls, run: RunDirectory, info: dict) -> Path:
+        """The stored copy of the training data, checked against its recorded hash."""
+        base = run.path / info.get("base_file", BASE)
+        if not base.exists() or file_sha256(base) != info.get("base_sha256"):
+            raise ExpungeError(f"{base} is missing or corrupted; the run's training data cannot be recovered")
+        return base
+
+    def save(self, path) -> RunModel:
         """Copy this run (current version, ledger, stored data) to a new directory and open it."""
         target = Path(path)
         if target.exists() and any(target.iterdir()):
@@ -411,59 +411,10 @@ class RunModel:
         k = max(1, int(round(ratio * len(current))))
         return np.sort(np.random.default_rng(seed).choice(current, k, replace=False))
 
-    def add(self, X, y=None, ids=None, method=None, compare: bool = False, progress: bool = False, *,
-            requested_by: str | None = None, reason: str | None = None, reference: str | None = None,
-            drop_privacy: bool = False, signing_key=None) -> UpdateReport:
-        """Add rows (an IndexedDataset, or arrays X, y and optional ids) and update the model.
-
-        Rows without ids get fresh ones. A previously deleted id may be added back with its
-        original features, which puts it back in its original place in the batch plan. The keyword
-        arguments are those of ``forget``."""
-        request = Request(requested_by, reason, reference)
-        ids, universe, new_active = self._added(X, y, ids)
-        return self._serve("add", ids, universe, new_active, method, compare, progress, request, drop_privacy,
-                           signing_key)[0]
-
-    def _added(self, X, y=None, ids=None) -> tuple[np.ndarray, IndexedDataset, np.ndarray]:
-        """The ids, universe and mask of active rows once these rows are added (checked as ``add`` says)."""
-        if isinstance(X, IndexedDataset):
-            X, y, ids = X.X, X.y, X.ids
-        try:
-            X = np.asarray(X, dtype=np.float32)
-        except (ValueError, TypeError) as e:
-            raise ExpungeError(f"new rows must have numeric features ({e})") from e
-        y = integer_values(np.ravel(y), "the new rows' labels", "labels must be integers 0..K-1")  # never truncated
-        X = X.reshape(len(X), -1) if X.ndim != 2 else X
-        if len(X) == 0:
-            raise ExpungeError("no rows given to add")
-        if X.shape[1] != self.universe.n_features:
-            raise ExpungeError(f"new rows have {X.shape[1]} features but the model takes {self.universe.n_features}; "
-                               "add rows with the same columns, in the same order")
-        if len(y) != len(X):
-            raise ExpungeError(f"{len(X)} rows but {len(y)} labels")
-        if y.min() < 0 or y.max() >= self.n_classes:
-            raise ExpungeError(f"labels must lie in 0..{self.n_classes - 1} (the model's classes); got {sorted(set(y.tolist()))[:5]}")
-        if ids is None:
-            ids = self.universe.ids.max() + 1 + np.arange(len(X))
-        ids = integer_values(np.ravel(ids), "the new rows' ids", "ids must be integers")
-        new = IndexedDataset(X, y, ids, "new rows")  # checks unique ids, finite values
-        known = np.isin(ids, self.universe.ids)
-        universe, new_active = self.universe, self.active.copy()
-        if known.any():
-            rows = universe.rows_of(ids[known])
-            if self.active[rows].any():
-                dup = ids[known][self.active[rows]]
-                raise ExpungeError(f"{len(dup)} id(s) are already in the training data, e.g. {dup[:5].tolist()}; "
-                                   "give new rows new ids (or none)")
-            same = np.array_equal(universe.X[rows], new.X[known]) and np.array_equal(universe.y[rows], new.y[known])
-            if not same:
-                raise ExpungeError("ids that were deleted earlier can only be added back with their original features "
-                                   "and labels; give changed rows new ids")
-            new_active[rows] = True
-        if (~known).any():
-            universe = universe.concat(new.take(np.flatnonzero(~known)))
-            new_active = np.concatenate([new_active, np.ones(int((~known).sum()), bool)])
-        return ids, universe, new_active
+    def add(self, *args, **kwargs) -> UpdateReport:
+        """Add rows and update the model (runs on features and labels: see ``TabularRun.add``)."""
+        raise ExpungeError(f"{self.path} is a {KIND_NAMES[self.kind]} run, which takes no added rows; train a new "
+                           "run on the extended data")
 
     # ------------------------------------------------------------------ batches of requests
 
@@ -484,37 +435,10 @@ class RunModel:
         return self._serve("forget", union, self.universe, new_active, method, False, progress, None, drop_privacy,
                            signing_key, batch=(batch_id, items), committed=committed)
 
-    def add_batch(self, batch_id: str, items: list[BatchItem], method=None, progress: bool = False, *,
-                  drop_privacy: bool = False, signing_key=None, committed=None) -> tuple[UpdateReport, list[Entry]]:
-        """Add the rows of several requests in one update (see ``forget_batch``). Rows without ids get fresh ones,
-        in request order; no id may be added twice."""
-        items = self._batch_items(batch_id, items)
-        X, y, given = [], [], []
-        for item in items:
-            rows = item.rows
-            if isinstance(rows, IndexedDataset):
-                rows, item = (rows.X, rows.y), BatchItem(item.request_id, tuple(rows.ids.tolist()), item.request)
-            if rows is None or len(rows) != 2:
-                raise ExpungeError(f"request {item.request_id} holds no rows to add: give (X, y) or an IndexedDataset")
-            try:
-                X.append(np.asarray(rows[0], dtype=np.float32).reshape(len(rows[0]), -1))
-            except (ValueError, TypeError) as e:
-                raise ExpungeError(f"request {item.request_id}: new rows must have numeric features ({e})") from e
-            y.append(np.ravel(rows[1]))
-            given.append(None if item.ids is None else self._item_ids(item, item.ids))
-        start = max([int(self.universe.ids.max())] + [int(g.max()) for g in given if g is not None and len(g)]) + 1
-        final = []
-        for item, x, g in zip(items, X, given):
-            if g is None:  # fresh ids, above every id known or given
-                g, start = np.arange(start, start + len(x)), start + len(x)
-            if len(g) != len(x):
-                raise ExpungeError(f"request {item.request_id}: {len(x)} rows but {len(g)} ids")
-            final.append(g)
-        items = [BatchItem(item.request_id, tuple(int(i) for i in ids), item.request, item.rows)
-                 for item, ids in zip(items, final)]
-        all_ids, universe, new_active = self._added(np.concatenate(X), np.concatenate(y), np.concatenate(final))
-        return self._serve("add", all_ids, universe, new_active, method, False, progress, None, drop_privacy,
-                           signing_key, batch=(batch_id, items), committed=committed)
+    def add_batch(self, *args, **kwargs) -> tuple[UpdateReport, list[Entry]]:
+        """Add the rows of several requests in one update (runs on features and labels: see ``TabularRun.add_batch``)."""
+        raise ExpungeError(f"{self.path} is a {KIND_NAMES[self.kind]} run, which takes no added rows; train a new "
+                           "run on the extended data")
 
     @staticmethod
     def _batch_items(batch_id: str, items: list[BatchItem]) -> list[BatchItem]:
@@ -556,12 +480,11 @@ class RunModel:
                 self.pending, self.pending_rows = None, []
             return state.pending_rows
 
-    def groups(self) -> dict[str, np.ndarray]:
-        """Named groups of rows a request can name instead of ids: here each class, ``class-K`` (the rows with label
-        K, deleted ones included). Runs whose rows have groups of their own (documents by author) override this."""
-        return {f"class-{k}": self.universe.ids[self.universe.y == k] for k in np.unique(self.universe.y).tolist()}
+    def group_members(self) -> dict[str, np.ndarray]:
+        """Named groups of rows a request can name instead of ids, each with its ids (deleted ones included)."""
+        raise ExpungeError(f"{self.path} has no named groups of rows; name the rows by their ids")
 
-    def _update(self, kind: str, ids: np.ndarray, universe: IndexedDataset, new_active: np.ndarray,
+    def _update(self, kind: str, ids: np.ndarray, universe, new_active: np.ndarray,
                 method, compare: bool, progress: bool) -> UpdateReport:
         """Compute the update and ``_commit`` it (called with the run locked and checked)."""
         raise NotImplementedError
@@ -587,8 +510,18 @@ class RunModel:
                 self._signer = self._writing = None
 
     def _method_name(self, method) -> str:
-        name = getattr(method, "name", method) or self.manifest["method"]["name"]
-        return self.manifest["method"]["name"] if name == "retrain" and self.own_retraining else name
+        """The registered name of the request's method: the run's own by default; a name said for another kind of
+        run resolved to this kind's (``retrain`` on a language-model run is ``lm-retrain``); ``retrain`` on a run
+        with its own retraining is that retraining."""
+        own = self.manifest["method"]["name"]
+        name = resolve(getattr(method, "name", method) or own, self.kind)
+        found = find(name)
+        if found is not None and kind_of(found) != self.kind:
+            usable = ", ".join(runs_of_kind(self.kind)) or "none"
+            raise ExpungeError(f"{name} updates {KIND_NAMES[kind_of(found)]} runs; {self.path} is a "
+                               f"{KIND_NAMES[self.kind]} run (methods for it: {usable})")
+        retrain = resolve("retrain", self.kind)
+        return own if name == retrain and self.own_retraining else name
 
     def _guarantees_ended(self, method, drop_privacy: bool) -> list[str]:
         """The run's guarantees an update by ``method`` would end: refused, except privacy when the
@@ -645,16 +578,23 @@ class RunModel:
             self.pending, self.pending_rows = None, []
         return signer, notes
 
-    def _commit(self, stage: Path, report: UpdateReport, universe: IndexedDataset, active: np.ndarray,
+    def _write_rows(self, stage: Path, universe, active: np.ndarray) -> None:
+        """Write the version's data state (which rows are active, and any rows added) into the staged folder."""
+        raise NotImplementedError
+
+    def _commit(self, stage: Path, report: UpdateReport, universe, active: np.ndarray,
                 adopt=lambda folder: None, changes: dict | None = None) -> Path:
         """Add the data state to the staged version (whose method files are written), seal it, make its
         ledger row (chained to the current head, signed) and commit version and manifest; then take the
         whole new state in memory at once (``adopt(folder)`` takes the method's own), and only then
         append the row (a crash before that leaves it in the manifest, and the next write appends it).
-        ``changes`` are set in the new manifest (None removes a key). Returns the new version's folder."""
-        added = universe.take(np.arange(self.n_base, len(universe)))
-        with open(stage / ROWS, "wb") as f:
-            np.savez(f, X=added.X, y=added.y, ids=added.ids, active=active)
+        ``changes`` are set in the new manifest (None removes a key). A private (re)training, whose guarantee
+        carries its privacy figures, makes the model private again whatever came before. Returns the new
+        version's folder."""
+        self._write_rows(stage, universe, active)
+        privacy = report.guarantee.get("privacy")
+        if privacy is not None:
+            changes = dict(changes or {}, privacy=privacy, privacy_ended=None)
         writing = self._writing or {"request": Request(), "ends": [], "notes": [], "batch": None, "committed": None,
                                     "entries": []}
         version = report.version = self.version + 1
@@ -707,3 +647,157 @@ class RunModel:
             entries.append(prev)
         return entries
 
+
+class TabularRun(RunModel):
+    """A run on features and labels (``IndexedDataset``): its data files (base.npz for data without a source;
+    rows.npz per version: rows added and the active mask), its number of classes, and added rows."""
+
+    def __init__(self, run: RunDirectory, manifest: dict, universe: IndexedDataset, active: np.ndarray,
+                 test: IndexedDataset | None):
+        super().__init__(run, manifest, universe, active, test)
+        self.n_classes = manifest["data"]["n_classes"]
+
+    @classmethod
+    def _new_run(cls, data: IndexedDataset, out, test: IndexedDataset | None, source: str | None,
+                 method: dict, preprocess_spec: dict | None = None, signing_key=None):
+        """Check the training data, the signing key and the target folder; return the run, its first
+        manifest, whether the folder is new (so a failed training can remove it), and the signer."""
+        if len(data) == 0:
+            raise ExpungeError("the training data is empty")
+        if data.y.min() < 0:
+            raise ExpungeError("labels must be integers 0..K-1")
+        run, created, signer = cls._new_directory(out, signing_key)
+        n_classes = max(data.n_classes, test.n_classes if test is not None else 0)
+        manifest = cls._first_manifest(
+            {"name": data.name, "source": source, "fingerprint": data.fingerprint(), "n_base": len(data),
+             "n_features": data.n_features, "n_classes": n_classes, "preprocess": preprocess_spec,
+             "read": data.read_spec}, method)
+        return run, manifest, created, signer
+
+    @staticmethod
+    def _write_base(f, data: IndexedDataset, test: IndexedDataset | None) -> None:
+        arrays = {"X": data.X, "y": data.y, "ids": data.ids}
+        if test is not None:
+            arrays.update(X_test=test.X, y_test=test.y, ids_test=test.ids)
+        np.savez(f, **arrays)
+
+    @classmethod
+    def _read_data(cls, run, manifest, folder, data, test, preprocessed):
+        base, source_test = cls._base_data(run, manifest, data, preprocessed)
+        with np.load(folder / ROWS) as rows:
+            added = IndexedDataset(rows["X"], rows["y"], rows["ids"], base.name)
+            active = rows["active"]
+        universe = base.concat(added) if len(added) else base
+        return universe, active, source_test if test is None else test
+
+    @classmethod
+    def _base_data(cls, run: RunDirectory, manifest: dict, data: IndexedDataset | None, preprocessed: bool = False):
+        info, test = manifest["data"], None
+        if data is None and info.get("source"):
+            data, test = load_dataset(info["source"], read_spec=info.get("read"))  # read as at training
+        if data is not None and info.get("preprocess") and not preprocessed:  # the same selection and scaling as at training
+            data = preprocess(data, **info["preprocess"])
+            test = preprocess(test, **info["preprocess"]) if test is not None else None
+        if data is None:
+            with np.load(cls._stored_base(run, info)) as z:
+                data = IndexedDataset(z["X"], z["y"], z["ids"], info["name"])
+                if "X_test" in z.files:
+                    test = IndexedDataset(z["X_test"], z["y_test"], z["ids_test"], f"{info['name']}-test")
+        cls._check_fingerprint(run, info, data)
+        return data, test
+
+    def _write_rows(self, stage: Path, universe: IndexedDataset, active: np.ndarray) -> None:
+        added = universe.take(np.arange(self.n_base, len(universe)))
+        with open(stage / ROWS, "wb") as f:
+            np.savez(f, X=added.X, y=added.y, ids=added.ids, active=active)
+
+    def add(self, X, y=None, ids=None, method=None, compare: bool = False, progress: bool = False, *,
+            requested_by: str | None = None, reason: str | None = None, reference: str | None = None,
+            drop_privacy: bool = False, signing_key=None) -> UpdateReport:
+        """Add rows (an IndexedDataset, or arrays X, y and optional ids) and update the model.
+
+        Rows without ids get fresh ones. A previously deleted id may be added back with its
+        original features, which puts it back in its original place in the batch plan. The keyword
+        arguments are those of ``forget``."""
+        request = Request(requested_by, reason, reference)
+        ids, universe, new_active = self._added(X, y, ids)
+        return self._serve("add", ids, universe, new_active, method, compare, progress, request, drop_privacy,
+                           signing_key)[0]
+
+    def _added(self, X, y=None, ids=None) -> tuple[np.ndarray, IndexedDataset, np.ndarray]:
+        """The ids, universe and mask of active rows once these rows are added (checked as ``add`` says)."""
+        if isinstance(X, IndexedDataset):
+            X, y, ids = X.X, X.y, X.ids
+        try:
+            X = np.asarray(X, dtype=np.float32)
+        except (ValueError, TypeError) as e:
+            raise ExpungeError(f"new rows must have numeric features ({e})") from e
+        y = integer_values(np.ravel(y), "the new rows' labels", "labels must be integers 0..K-1")  # never truncated
+        X = X.reshape(len(X), -1) if X.ndim != 2 else X
+        if len(X) == 0:
+            raise ExpungeError("no rows given to add")
+        if X.shape[1] != self.universe.n_features:
+            raise ExpungeError(f"new rows have {X.shape[1]} features but the model takes {self.universe.n_features}; "
+                               "add rows with the same columns, in the same order")
+        if len(y) != len(X):
+            raise ExpungeError(f"{len(X)} rows but {len(y)} labels")
+        if y.min() < 0 or y.max() >= self.n_classes:
+            raise ExpungeError(f"labels must lie in 0..{self.n_classes - 1} (the model's classes); got {sorted(set(y.tolist()))[:5]}")
+        if ids is None:
+            ids = self.universe.ids.max() + 1 + np.arange(len(X))
+        ids = integer_values(np.ravel(ids), "the new rows' ids", "ids must be integers")
+        new = IndexedDataset(X, y, ids, "new rows")  # checks unique ids, finite values
+        known = np.isin(ids, self.universe.ids)
+        universe, new_active = self.universe, self.active.copy()
+        if known.any():
+            rows = universe.rows_of(ids[known])
+            if self.active[rows].any():
+                dup = ids[known][self.active[rows]]
+                raise ExpungeError(f"{len(dup)} id(s) are already in the training data, e.g. {dup[:5].tolist()}; "
+                                   "give new rows new ids (or none)")
+            same = np.array_equal(universe.X[rows], new.X[known]) and np.array_equal(universe.y[rows], new.y[known])
+            if not same:
+                raise ExpungeError("ids that were deleted earlier can only be added back with their original features "
+                                   "and labels; give changed rows new ids")
+            new_active[rows] = True
+        if (~known).any():
+            universe = universe.concat(new.take(np.flatnonzero(~known)))
+            new_active = np.concatenate([new_active, np.ones(int((~known).sum()), bool)])
+        return ids, universe, new_active
+
+    def add_batch(self, batch_id: str, items: list[BatchItem], method=None, progress: bool = False, *,
+                  drop_privacy: bool = False, signing_key=None, committed=None) -> tuple[UpdateReport, list[Entry]]:
+        """Add the rows of several requests in one update (see ``forget_batch``). Rows without ids get fresh ones,
+        in request order; no id may be added twice."""
+        items = self._batch_items(batch_id, items)
+        X, y, given = [], [], []
+        for item in items:
+            rows = item.rows
+            if isinstance(rows, IndexedDataset):
+                rows, item = (rows.X, rows.y), BatchItem(item.request_id, tuple(rows.ids.tolist()), item.request)
+            if rows is None or len(rows) != 2:
+                raise ExpungeError(f"request {item.request_id} holds no rows to add: give (X, y) or an IndexedDataset")
+            try:
+                X.append(np.asarray(rows[0], dtype=np.float32).reshape(len(rows[0]), -1))
+            except (ValueError, TypeError) as e:
+                raise ExpungeError(f"request {item.request_id}: new rows must have numeric features ({e})") from e
+            y.append(np.ravel(rows[1]))
+            given.append(None if item.ids is None else self._item_ids(item, item.ids))
+        start = max([int(self.universe.ids.max())] + [int(g.max()) for g in given if g is not None and len(g)]) + 1
+        final = []
+        for item, x, g in zip(items, X, given):
+            if g is None:  # fresh ids, above every id known or given
+                g, start = np.arange(start, start + len(x)), start + len(x)
+            if len(g) != len(x):
+                raise ExpungeError(f"request {item.request_id}: {len(x)} rows but {len(g)} ids")
+            final.append(g)
+        items = [BatchItem(item.request_id, tuple(int(i) for i in ids), item.request, item.rows)
+                 for item, ids in zip(items, final)]
+        all_ids, universe, new_active = self._added(np.concatenate(X), np.concatenate(y), np.concatenate(final))
+        return self._serve("add", all_ids, universe, new_active, method, False, progress, None, drop_privacy,
+                           signing_key, batch=(batch_id, items), committed=committed)
+
+    def group_members(self) -> dict[str, np.ndarray]:
+        """Named groups of rows a request can name instead of ids: here each class, ``class-K`` (the rows with label
+        K, deleted ones included). Runs whose rows have groups of their own (documents by author) override this."""
+        return {f"class-{k}": self.universe.ids[self.universe.y == k] for k in np.unique(self.universe.y).tolist()}

@@ -30,7 +30,7 @@ from ..errors import ExpungeError
 from ..models import DTYPES, FlatModel, build_model, weights_hash
 from ..recipe import TrainRecipe, _mix64
 from .base import UpdateReport
-from .run import RunModel
+from .run import TabularRun
 
 FOLDER, ASSIGNMENT = "sisa", "sisa/assignment.npz"
 
@@ -201,7 +201,7 @@ class SISA:
                                 signing_key=signing_key)
 
 
-class SISAFitted(RunModel):
+class SISAFitted(TabularRun):
     def __init__(self, run, manifest, universe, active, test, shard, slice_, checkpoints):
         super().__init__(run, manifest, universe, active, test)
         self.recipe = TrainRecipe.from_dict(manifest["recipe"])
