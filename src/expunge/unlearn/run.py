@@ -595,8 +595,12 @@ class RunModel:
         privacy = report.guarantee.get("privacy")
         if privacy is not None:
             changes = dict(changes or {}, privacy=privacy, privacy_ended=None)
-        writing = self._writing or {"request": Request(), "ends": [], "notes": [], "batch": None, "committed": None,
-                                    "entries": []}
+        # the request in progress (set by _serve, or by a training that writes its own first version); what it
+        # does not say takes the defaults, in place, since _serve reads the rows made back from it
+        writing = self._writing if self._writing is not None else {}
+        for key, default in (("request", Request()), ("ends", []), ("notes", []), ("batch", None), ("committed", None),
+                             ("entries", [])):
+            writing.setdefault(key, default)
         version = report.version = self.version + 1
         report.notes = list(writing["notes"])
         manifest = {k: v for k, v in self.manifest.items()
