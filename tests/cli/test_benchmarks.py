@@ -70,6 +70,17 @@ def test_unknown_benchmark_is_a_clean_error(tmp_path):
     assert listed(result.stderr) == list(BENCHMARKS), result.stderr
 
 
+def test_bench_device_is_checked_before_anything_runs(tmp_path):
+    import torch
+
+    out = tmp_path / "out.json"
+    assert_clean_failure(invoke("bench", "dp-lm", "--device", "tpu", "--json", out), "--device must be cpu or cuda")
+    assert_clean_failure(invoke("bench", "deltagrad", "--device", "cuda", "--json", out), "runs on the CPU only")
+    if not torch.cuda.is_available():
+        assert_clean_failure(invoke("bench", "dp-lm", "--device", "cuda", "--json", out), "no CUDA device")
+    assert not out.exists()
+
+
 def test_registry_entries_name_importable_benchmarks():
     import importlib
 

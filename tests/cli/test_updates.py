@@ -425,3 +425,9 @@ def test_train_lr_auto_records_gens_rates_and_forget_retrains_them(tmp_path, dig
     w = train(fitted.ws, fitted.active, fitted.w0, traj)  # training from scratch on the remaining rows
     assert torch.equal(fitted.w, w)
     np.testing.assert_array_equal(fitted.rates, traj.rates)
+
+
+def test_nproc_without_dp_is_a_clean_error(tmp_path):
+    assert_clean_failure(invoke("train", "--data", "digits", "--out", tmp_path / "r", *TRAIN, "--nproc", "2"),
+                         "--nproc trains privately")
+    assert not (tmp_path / "r").exists()

@@ -40,5 +40,8 @@ BENCHMARKS = {
                                     "~4.5 h"),
     "gen": Benchmark("expunge.bench.gen", "GeN learning rate vs tuned schedules: accuracy, cost", "~30 min"),
     "merge": Benchmark("expunge.bench.merge", "MAP model merging vs a dense grid: Pareto fronts", "~6 min"),
+    "dp-lm": Benchmark("expunge.bench.dp_lm", "DP step of tied HF causal LMs vs Opacus: speed, memory", "~10 min"),
+    "dp-distributed": Benchmark("expunge.bench.dp_distributed", "private DDP/FSDP2, 1 vs 2 processes: tokens/s, memory",
+                                "~15 min"),
     "service": Benchmark("expunge.bench.service", "deletion service: latency, batching, worker kills", "~30 min"),
 }

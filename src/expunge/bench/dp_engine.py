@@ -224,8 +224,10 @@ def _round(case: Case, n: int, min_s: float = 0.0):
     return wall, cpu
 
 
-def _serve(conn, model_name: str, mode: str, batch_size: int, tiny: bool, threads: int, memory_only: bool) -> None:
-    """Worker process: the same imports in every mode, the baseline, the case, then rounds on request."""
+def _serve(conn, factory, model_name: str, mode: str, batch_size: int, tiny: bool, threads: int,
+           memory_only: bool) -> None:
+    """Worker process: the same imports in every mode, the baseline, the case, then rounds on request.
+    ``factory(model_name, mode, batch_size, tiny)`` builds the case (Case here; other benchmarks pass theirs)."""
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
     import opacus  # noqa: F401  (imported in every mode, so that the baseline is the same)
@@ -236,7 +238,7 @@ def _serve(conn, model_name: str, mode: str, batch_size: int, tiny: bool, thread
         memory = PeakMemory()
         if exact:
             memory.method += ", mmap threshold 64 KiB"
-        case = Case(model_name, mode, batch_size, tiny)
+        case = factory(model_name, mode, batch_size, tiny)
         conn.send(("ready", case.params, memory.method))
         while True:
             command, n, min_s = conn.recv()
@@ -254,9 +256,9 @@ def _serve(conn, model_name: str, mode: str, batch_size: int, tiny: bool, thread
 class _InProcess:
     """The same protocol without a process (for tests: memory figures are then only indicative)."""
 
-    def __init__(self, model_name, mode, batch_size, tiny, threads, memory_only):
+    def __init__(self, factory, model_name, mode, batch_size, tiny, threads, memory_only):
         self.memory = PeakMemory()
-        self.case = Case(model_name, mode, batch_size, tiny)
+        self.case = factory(model_name, mode, batch_size, tiny)
         self.ready = ("ready", self.case.params, self.memory.method + " (in process)")
 
     def round(self, n, min_s=0.0):
@@ -316,13 +318,15 @@ def default_threads() -> int:
 
 def run(repeats: int | None = None, models=MODELS, modes=MODES, batch_sizes: dict | None = None, round_s: float = ROUND_S,
         replicas: int = REPLICAS, tiny: bool = False, isolate: bool = True, threads: int | None = None,
-        progress: bool = True, console=None) -> list[dict]:
+        progress: bool = True, console=None, factory=None) -> list[dict]:
     """Measure every (model, mode): peak memory in a fresh process each, then step times in ``replicas``
     persistent workers each, in rounds that interleave the modes of a model (``repeats`` of them, or as many
     as the ratios need: rounds.py). ``tiny`` shrinks the models (tests); ``isolate=False`` runs every case in
-    this process (tests: memory figures are rough)."""
+    this process (tests: memory figures are rough). ``factory`` builds a case with a ``step()`` and ``params``
+    (Case by default; picklable: a module-level class or function, or a functools.partial of one)."""
     import multiprocessing
 
+    factory = factory or Case
     batch_sizes = {**BATCH, **(batch_sizes or {})}
     threads = threads or default_threads()
     ctx = multiprocessing.get_context("spawn")
@@ -332,7 +336,7 @@ def run(repeats: int | None = None, models=MODELS, modes=MODES, batch_sizes: dic
             console.print(f"[dim]{text}[/dim]")
 
     def start(model_name, mode, memory_only):
-        args = (model_name, mode, batch_sizes[model_name], tiny, threads, memory_only)
+        args = (factory, model_name, mode, batch_sizes[model_name], tiny, threads, memory_only)
         return _Worker(ctx, *args) if isolate else _InProcess(*args)
 
     rows = []

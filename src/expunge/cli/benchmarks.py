@@ -4,6 +4,7 @@ help and the error for an unknown name)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import shlex
 from pathlib import Path
@@ -46,6 +47,7 @@ def bench(
                                   "the rows and their provenance; a plot is written beside it."),
     repeats: Optional[int] = typer.Option(None, help=REPEATS_HELP),
     limit: Optional[int] = typer.Option(None, help="Train on the first N rows only (a quick smoke run)."),
+    device: str = typer.Option("cpu", help="cpu, or cuda for the benchmarks that run on a GPU (dp-lm)."),
 ):
     """Run a benchmark side by side with its baseline: prints a table, writes JSON (rows and provenance) and a
     plot."""
@@ -55,9 +57,20 @@ def bench(
         raise ExpungeError(f"unknown benchmark {name!r}; choose one of:\n{benchmark_list()}")
     if repeats is not None and repeats < 1:
         raise ExpungeError(f"--repeats must be at least 1, got {repeats}")
+    if device not in ("cpu", "cuda"):
+        raise ExpungeError(f"--device must be cpu or cuda, got {device!r}")
+    module = importlib.import_module(BENCHMARKS[name].module)
+    extra = {}
+    if device != "cpu":
+        if "device" not in inspect.signature(module.main).parameters:
+            raise ExpungeError(f"benchmark {name} runs on the CPU only: drop --device {device}")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ExpungeError("--device cuda: no CUDA device is available to torch here")
+        extra["device"] = device
     out = json_out or Path("benchmarks/results") / f"{name}.json"
     provenance.mark_start(rerun_command(name, data, out, repeats, limit))
-    module = importlib.import_module(BENCHMARKS[name].module)
     optional = {"repeats": repeats} if repeats is not None else {}
-    module.main(data, out, limit=limit, progress=True, console=console, **optional)
+    module.main(data, out, limit=limit, progress=True, console=console, **optional, **extra)
     console.print(f"wrote {out} and {Path(out).with_suffix('.png')}")

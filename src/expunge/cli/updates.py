@@ -173,6 +173,8 @@ def train(
     physical_batch_size: Optional[int] = typer.Option(None, help="DP: split each sampled batch into physical "
                                                       "batches of this many rows (memory); noise is added once."),
     accountant: str = typer.Option("pld", help="DP: accountant that calibrates the noise, pld (tight) or rdp."),
+    nproc: int = typer.Option(1, "--nproc", help="DP: train data parallel in this many processes (torch.distributed, "
+                              "gloo, DDP); batches, noise and epsilon are one process's with the same seed."),
     dp_transform: str = typer.Option("none", help="DP: transformation of the private gradient: none (DP-SGD/DP-Adam), "
                                      "disk (Kalman filter, kappa 0.7, gamma 0.5), doppler (low-pass filter) or "
                                      "dicesgd (error feedback, C2 = C)."),
@@ -257,7 +259,7 @@ def train(
                         "--test-data": test_data is not None, "--dp-transform": dp_transform != "none",
                         "--encode-labels": encode_labels, "--encode-categories": encode_categories,
                         "--standardize": standardize, "--label-column": label_column is not None,
-                        "--init": init is not None,
+                        "--init": init is not None, "--nproc": nproc != 1,  # LM runs train in one process (so far)
                         "--lr auto": lr is not None and _parse_lr(lr)}  # also checks a number
         given = [name for name, used in tabular_only.items() if used]
         if given:
@@ -317,6 +319,8 @@ def train(
         train_set = preprocess(train_set, **spec)
         test_set = preprocess(test_set, **spec) if test_set is not None else None
     source = data if data == "digits" else str(Path(data).resolve())
+    if nproc != 1 and not dp:
+        raise ExpungeError("--nproc trains privately in several processes: add --dp")
     start = None
     if init is not None:
         from ..unlearn import RunModel
@@ -335,7 +339,7 @@ def train(
                                   delta=1e-5 if delta is None else delta, noise_multiplier=noise_multiplier,
                                   max_grad_norm=max_grad_norm, clip_fn=clip_fn, clipping=clipping,
                                   physical_batch_size=physical_batch_size, accountant=accountant,
-                                  transform=dp_transform)
+                                  transform=dp_transform, nproc=nproc)
         fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, progress=not quiet,
                              preprocess=spec, signing_key=signing_key)
         method = "dp"
