@@ -175,6 +175,17 @@ def encode(corpus: Corpus, tokenizer, max_length: int, truncate_documents: bool 
     return TokenDataset(tuple(input_ids), tuple(labels), corpus.ids, corpus.groups, pad, fmt, corpus.name)
 
 
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """The tokens a QA pair's answer follows, as ``encode`` builds them (chat template with the generation
+    prompt, or the plain ``Question: ... Answer:`` format): what a model is prompted with to answer."""
+    if qa_format(tokenizer) == "chat":
+        user = [{"role": "user", "content": question}]
+        return tokenizer(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"]
+    lead = tokenizer("", add_special_tokens=True)["input_ids"]
+    return list(lead) + tokenizer(PLAIN_PROMPT.format(question=question), add_special_tokens=False)["input_ids"]
+
+
 def _qa_tokens(tokenizer, question: str, answer: str, fmt: str, lead: list[int], eos: int) -> tuple[list[int], list[int]]:
     """(prompt tokens, answer tokens) of one QA pair in the chat or plain format."""
     if fmt == "chat":
