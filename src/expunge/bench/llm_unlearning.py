@@ -10,28 +10,29 @@ teaches the format anyway). ``--quick`` swaps in a small tiny-llama (2 layers, w
 the benchmark's texts; it has no world knowledge, so its model utility is the retain part only (tofu.py).
 
 TOFU case. Target = the model fine-tuned (train_lm: AdamW, 4 epochs, lr 1e-4, batches of 8, seed 0) on TOFU's
-forget01 authors (198 and 199, 40 QA pairs) plus the first ``RETAIN_AUTHORS`` = 3 retained authors (60 pairs,
-whose questions retain_perturbed.json holds). Reference = exact retraining: train_lm on the same plan with the
-forget rows inactive (what ``expunge forget --method retrain`` does). Each method (ascent, graddiff, npo,
-simnpo, ngdiff) starts from a copy of the target and runs 2 epochs over the 40 forget rows, batches of 8
-forget + 8 retain rows (10 steps), AdamW, at each of ``LRS`` (2 rates per method). Evaluation (tofu.py) of
-every model: forget01 (40 questions), 40 retain_perturbed questions of the trained authors, real authors
-(100) and world facts (117); greedy answers of at most 48 tokens (16 on real authors / world facts);
-forget quality against the retrained model's truth ratios. Rows: ``method`` (target, retrain, then each method),
-``lr``, ``forget_quality``, ``model_utility``, ``forget_truth_ratio``, ``seconds`` (the fine-tune for target and
-retrain, the update for a method), ``retrain_seconds``, ``speedup`` (retrain_seconds / seconds), and the
-figures under them (probabilities, ROUGE, truth ratios per split, ``param_dist_to_retrain``, steps, rates).
-Relearn steps cost ~2 minutes a model here and are left to the quick mode (``relearn_steps``).
+forget01 authors (198 and 199, 40 QA pairs) plus the first 3 retained authors (0-2, 60 pairs, whose questions
+retain_perturbed.json holds). Reference = exact retraining: train_lm on the same plan with the forget rows
+inactive (what ``expunge forget --method retrain`` does). Each method (ascent, graddiff, npo, simnpo, ngdiff)
+starts from a copy of the target and runs 2 epochs over the 40 forget rows, batches of 8 forget + 8 retain
+rows (10 steps), AdamW, at 1e-5 (open-unlearning's TOFU rate) and 5e-5; NGDiff fits its rate on the retain
+loss from there (unlearning.py). Evaluation (tofu.py) of every model: forget01 (40 questions), 40
+retain_perturbed questions of the trained authors, real authors (100) and world facts (117); greedy answers of
+at most 48 tokens (16 on real authors and world facts); forget quality against the retrained model's truth
+ratios. Rows: ``method`` (target, retrain, then each method), ``lr``, ``forget_quality``, ``model_utility``,
+``forget_truth_ratio``, ``seconds`` (the fine-tune for target and retrain, the update for a method),
+``retrain_seconds``, ``speedup`` (retrain_seconds / seconds), and the figures under them (probabilities,
+ROUGE, truth ratios per split, ``param_dist_to_retrain``, ``eval_seconds``, steps, rates). Relearn steps cost
+~2 minutes a model here and are left to the quick mode (``relearn_steps``).
 
 MUSE-News case, as far as the shared copy allows (muse.py: it lacks raw/retain1, raw/retain2, raw/holdout and
 scal/, so MUSE's own target, fine-tuned on the whole news corpus, cannot be rebuilt; ~700k tokens would take
 hours on CPU anyway). Target = the same base fine-tuned on 8 privleak/forget and 8 privleak/retain2 articles, each
-cut to its first 96 tokens (3 epochs, lr 1e-4); reference = retrained without the 8 forget texts. VerbMem: the
+cut to its first 96 tokens (5 epochs, lr 1e-4); reference = retrained without the 8 forget texts. VerbMem: the
 first 48 tokens of each forget text as the prompt, its next 48 as the truth, 48 greedy tokens, ROUGE-L F1.
 PrivLeak: Min-K% (K = 40%) AUC of the 8 forget texts against the first 96 tokens of 8 privleak/holdout texts,
 relative to the retrained model. KnowMem is left out: its questions are about whole articles the target never
 saw (it saw 96 tokens of 8), so every model would score the base model's own news knowledge. One rate per
-method (``MUSE_LR``). Rows: ``benchmark`` = muse-news, ``method``, ``lr``, ``verbmem_forget``, ``privleak_auc``,
+method (3e-5). Rows: ``benchmark`` = muse-news, ``method``, ``lr``, ``verbmem_forget``, ``privleak_auc``,
 ``privleak``, ``seconds``, ``retrain_seconds``.
 
 Plan on this 2-core machine (SmolLM2 measured at ~50 tokens per CPU-second training in full, ~440 forward,
@@ -87,10 +88,9 @@ FULL = Settings(
     model="smollm2", retain_authors=3,
     finetune=dict(epochs=4, lr=1e-4, batch_size=8, max_length=256, seed=0),
     unlearn=dict(epochs=2, batch_size=8, seed=0),
-    lrs={"ascent": (1e-5, 3e-5), "graddiff": (1e-5, 3e-5), "npo": (1e-5, 3e-5), "simnpo": (1e-5, 3e-5),
-         "ngdiff": (1e-5, 3e-5)},
+    lrs={m: (1e-5, 5e-5) for m in METHOD_ORDER},  # open-unlearning's TOFU rate, and 5x it
     retain_eval=40, max_new_tokens=48, short_new_tokens=16, world_knowledge=True,
-    muse=dict(docs=8, doc_tokens=96, prompt_tokens=48, finetune=dict(epochs=3, lr=1e-4, batch_size=8, seed=0),
+    muse=dict(docs=8, doc_tokens=96, prompt_tokens=48, finetune=dict(epochs=5, lr=1e-4, batch_size=8, seed=0),
               unlearn=dict(epochs=2, batch_size=4, seed=0), lr=3e-5))
 QUICK = Settings(
     model="tiny-llama", retain_authors=2,
@@ -168,15 +168,16 @@ def _tofu_case(data_dir: Path, settings: Settings, console, progress: bool) -> l
 
     target, target_seconds = _finetune(base, data, recipe)
     reference, retrain_seconds = _finetune(base, data, recipe, active=~is_forget)
-    _say(console, f"fine-tuned the target in {target_seconds:.0f} s and the reference (retrain) in {retrain_seconds:.0f} s")
+    _say(console, f"fine-tuned the target in {target_seconds:.0f} s, the reference (retrain) in {retrain_seconds:.0f} s")
 
     trained_questions = set(corpus.prompts[r] for r in np.flatnonzero(~is_forget))
     retain_all = load_tofu_split(tofu / "retain_perturbed.json", "retain")
     retain_rows_eval = [i for i, q in enumerate(retain_all.questions) if q in trained_questions][:settings.retain_eval]
     splits = load_tofu_splits(tofu, settings.forget_split, settings.world_knowledge, retain_rows_eval)
     forget_data, retain_data = data.take(np.flatnonzero(is_forget)), data.take(np.flatnonzero(~is_forget))
-    options = dict(tofu=splits, tofu_options=dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch,
-                                                  world_new_tokens=settings.short_new_tokens))
+    tofu_options = dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch,
+                        world_new_tokens=settings.short_new_tokens)
+    options = dict(tofu=splits, tofu_options=tofu_options)
 
     def evaluate(model, ref):
         relearn = dict(forget=forget_data, original=target, relearn=settings.relearn) if settings.relearn else {}
@@ -230,7 +231,8 @@ def _muse_case(data_dir: Path, settings: Settings, console, progress: bool) -> l
 
     m = settings.muse
     folder = data_dir / "muse_news" / "privleak"
-    texts = {name: json.loads((folder / f"{name}.json").read_text())[:m["docs"]] for name in ("forget", "retain2", "holdout")}
+    texts = {name: json.loads((folder / f"{name}.json").read_text())[:m["docs"]]
+             for name in ("forget", "retain2", "holdout")}
     base, tokenizer = _base_model(settings, texts["forget"] + texts["retain2"] + texts["holdout"], m["doc_tokens"] + 2,
                                   m["finetune"].get("vocab_size", 4096))
     cut = {name: [_cut(tokenizer, t, m["doc_tokens"]) for t in ts] for name, ts in texts.items()}
@@ -245,7 +247,8 @@ def _muse_case(data_dir: Path, settings: Settings, console, progress: bool) -> l
     target, target_seconds = _finetune(base, data, recipe)
     reference, retrain_seconds = _finetune(base, data, recipe, active=~is_forget)
     del base
-    items = tuple((_cut(tokenizer, t, m["prompt_tokens"]), _tail(tokenizer, t, m["prompt_tokens"])) for t in cut["forget"])
+    items = tuple((_cut(tokenizer, t, m["prompt_tokens"]), _tail(tokenizer, t, m["prompt_tokens"]))
+                  for t in cut["forget"])
     muse = MuseData(verbmem=items, privleak_forget=tuple(cut["forget"]), privleak_holdout=tuple(cut["holdout"]))
     options = dict(verbmem_new_tokens=m["doc_tokens"] - m["prompt_tokens"], max_length=m["doc_tokens"] + 2)
     ref = evaluate_muse(reference, tokenizer, muse, **options)
@@ -321,7 +324,8 @@ def _estimate(console, settings: Settings, data, is_forget) -> None:
 def run(data_dir, quick: bool = False, progress: bool = True, console=None, muse: bool = True) -> list[dict]:
     data_dir = Path(data_dir)
     if not (data_dir / "tofu" / "full.json").exists():
-        raise ExpungeError(f"{data_dir / 'tofu' / 'full.json'} not found; pass --data pointing at the shared data folder")
+        raise ExpungeError(f"{data_dir / 'tofu' / 'full.json'} not found; pass --data pointing at the shared data "
+                           "folder")
     settings = QUICK if quick else FULL
     start = time.perf_counter()
     rows = _tofu_case(data_dir, settings, console, progress)
@@ -374,9 +378,9 @@ def plot(rows: list[dict], path: Path) -> None:
     if muse:
         ax = axes[0][1]
         for r in muse:
-            ax.scatter(r["privleak"] if r["privleak"] is not None else 0.0, r["verbmem_forget"], color=colors[r["method"]],
-                       s=60)
-            ax.annotate(r["method"], (r["privleak"] or 0.0, r["verbmem_forget"]), fontsize=7)
+            leak = r["privleak"] if r["privleak"] is not None else 0.0
+            ax.scatter(leak, r["verbmem_forget"], color=colors[r["method"]], s=60)
+            ax.annotate(r["method"], (leak, r["verbmem_forget"]), fontsize=7)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_xlabel("PrivLeak (0 = as the retrained model)")
         ax.set_ylabel("VerbMem on forget (lower = forgotten)")

@@ -25,13 +25,14 @@ commits the updated weights as a new version only after ``update`` returns.
 
 NGDiff and its rate. The paper (Jin, Bu, Vinzamuri, Ramakrishna, Chang, Cevher, Hong, NAACL 2025) feeds the
 normalised difference ``g_R/||g_R|| - g_F/||g_F||`` to the base optimizer in place of the gradient and sets the
-learning rate automatically with GeN (a Newton step along the update, estimated from the loss at shifted
-weights), applied to the unlearning objective as a whole. Here the base optimizer likewise receives the
-direction, but the rate is fitted on the retain loss NLL_R alone (``rate="quadratic"``, or any rule of
-rates.py): the forget part -NLL_F is unbounded below, so a local quadratic model of the whole objective has
-no trustworthy minimum along a direction that ascends NLL_F (its curvature is negative or vanishing), while
-the retain loss is bounded below and is what the step must not spoil; the direction's forget component still
-sets where the step goes. ``rate="fixed"`` uses the optimizer's rate unchanged.
+learning rate automatically with GeN (Bu & Xu: the Newton step ``eta* = G'd / d'Hd`` along the optimizer's
+update d, estimated from the loss at theta and theta +- eta d), as we read it on the multi-task objective (the
+retain loss minus the forget loss). Here the base optimizer likewise receives the direction, but the rate is
+fitted on the retain loss NLL_R alone (``rate="quadratic"``, or any rule of rates.py): the forget part -NLL_F
+is unbounded below, so a local quadratic model of the whole objective has no trustworthy minimum along a
+direction that ascends NLL_F (its curvature is negative or vanishing, and the fitted rate would grow without
+bound), while the retain loss is bounded below and is what the step must not spoil; the direction's forget
+component still sets where the step goes. ``rate="fixed"`` uses the optimizer's rate unchanged.
 """
 
 from __future__ import annotations
