@@ -6,8 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from expunge.data import IndexedDataset, load_dataset, load_ids, load_rows
+from expunge.data import IndexedDataset, load_dataset, load_ids, load_rows, make_synthetic
 from expunge.errors import ExpungeError
+from expunge.tables import ReadOptions
 
 
 def small(n=6, d=3, ids=None, name="small"):
@@ -175,6 +176,106 @@ def test_npz_with_unexpected_keys_raises(tmp_path):
         load_dataset(str(path))
 
 
+def test_npz_with_string_labels_is_refused_or_encoded(tmp_path):
+    path = tmp_path / "labels.npz"
+    np.savez(path, X=np.zeros((3, 2)), y=np.array(["cat", "dog", "cat"]))
+    with pytest.raises(ExpungeError, match="text such as 'cat'.*--encode-labels"):
+        load_dataset(str(path))
+    train, _ = load_dataset(str(path), ReadOptions(encode_labels=True))
+    np.testing.assert_array_equal(train.y, [0, 1, 0])
+    assert train.read_spec == {"format": "npz", "classes": ["cat", "dog"], "notes": train.read_spec["notes"]}
+    again, _ = load_dataset(str(path), read_spec=train.read_spec)
+    assert again.fingerprint() == train.fingerprint()
+
+
+def test_npz_float_labels_are_refused_not_truncated(tmp_path):
+    path = tmp_path / "floats.npz"
+    np.savez(path, X=np.zeros((3, 2)), y=np.array([0.0, 1.5, 2.0]))
+    with pytest.raises(ExpungeError, match=r"labels in y include non-integer values such as 1\.5 at position 1"):
+        load_dataset(str(path))
+    np.savez(path, X=np.zeros((3, 2)), y=np.array([0.0, 1.0, 2.0]))  # integral floats are integers
+    np.testing.assert_array_equal(load_dataset(str(path))[0].y, [0, 1, 2])
+
+
+def save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def pickled(path):
+    import pickle
+
+    path.write_bytes(pickle.dumps({"X": [[0.0]], "y": [0]}))
+    return path
+
+
+def bare_npy(path):
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))
+    return path
+
+
+def broken_zip(path):
+    path.write_bytes(b"PK\x03\x04 broken")
+    return path
+
+
+MALFORMED_NPZ = {
+    "missing keys": (lambda p: save_npz(p, X=np.zeros((2, 2))), "expected x_train/y_train or X/y"),
+    "x_test without y_test": (lambda p: save_npz(p, x_train=np.zeros((2, 2)), y_train=np.zeros(2, int),
+                                                 x_test=np.zeros((1, 2))), "x_test without its partner"),
+    "1-D features": (lambda p: save_npz(p, X=np.zeros(4), y=np.zeros(4, int)), "needs a row per sample"),
+    "2-D labels": (lambda p: save_npz(p, X=np.zeros((4, 2)), y=np.zeros((4, 1), int)), "must be a 1-D array"),
+    "object array": (lambda p: save_npz(p, X=np.array([[0.0], [1.0]], dtype=object), y=np.zeros(2, int)),
+                     "holds Python objects"),
+    "mismatched lengths": (lambda p: save_npz(p, X=np.zeros((4, 2)), y=np.zeros(3, int)), "has 4 rows"),
+    "mismatched ids": (lambda p: save_npz(p, X=np.zeros((4, 2)), y=np.zeros(4, int), ids=np.arange(5)), "ids has shape"),
+    "NaN features": (lambda p: save_npz(p, X=np.array([[0.0], [np.nan]]), y=np.zeros(2, int)), "NaN or infinity"),
+    "text features": (lambda p: save_npz(p, X=np.array([["a"], ["b"]]), y=np.zeros(2, int)), "must be numbers"),
+    "NaN labels": (lambda p: save_npz(p, X=np.zeros((2, 1)), y=np.array([0.0, np.nan])), "non-integer values such as nan"),
+    "float ids": (lambda p: save_npz(p, X=np.zeros((2, 1)), y=np.zeros(2, int), ids=np.array([0.5, 1.0])),
+                  "ids in ids include non-integer values such as 0.5"),
+    "pickled content": (pickled, "unpickle"),
+    "not an archive": (broken_zip, "not a readable .npz archive"),
+    "a bare .npy": (bare_npy, "one bare array"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_NPZ))
+def test_malformed_npz_is_a_clear_error(tmp_path, case):
+    make, words = MALFORMED_NPZ[case]
+    path = make(tmp_path / "bad.npz")
+    with pytest.raises(ExpungeError, match=words):
+        load_dataset(str(path))
+
+
+@pytest.mark.parametrize("case", ["object array", "pickled content", "2-D labels", "float ids", "not an archive"])
+def test_malformed_npz_rows_are_a_clear_error(tmp_path, case):
+    make, words = MALFORMED_NPZ[case]
+    with pytest.raises(ExpungeError, match=words):
+        load_rows(make(tmp_path / "rows.npz"))
+
+
+def test_the_pickled_npz_is_never_unpickled(tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(ExpungeError):
+        load_dataset(str(pickled(tmp_path / "evil.npz")))
+
+
+# ----------------------------------------------------------------------------- IndexedDataset labels and ids
+
+
+@pytest.mark.parametrize("y, ids, words", [([0, 1.5], [0, 1], "labels include non-integer"),
+                                           ([0, 1], [0, 2.5], "ids include non-integer"),
+                                           (["a", "b"], [0, 1], "labels hold text")])
+def test_indexed_dataset_never_truncates_labels_or_ids(y, ids, words):
+    with pytest.raises(ExpungeError, match=words):
+        IndexedDataset(np.zeros((2, 1)), np.array(y), np.array(ids))
+
+
 # ----------------------------------------------------------------------------- .csv
 
 
@@ -257,19 +358,19 @@ def test_idx_folder_without_train_files_raises(tmp_path):
 def test_load_rows_csv_without_id_column(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text("0.1,0.2,3\n0.4,0.5,1\n")
-    X, y, ids = load_rows(path)
-    assert ids is None
-    np.testing.assert_allclose(X, [[0.1, 0.2], [0.4, 0.5]])
-    np.testing.assert_array_equal(y, [3, 1])
+    rows = load_rows(path)
+    assert rows.ids is None
+    np.testing.assert_allclose(rows.X, [[0.1, 0.2], [0.4, 0.5]])
+    np.testing.assert_array_equal(rows.y, [3, 1])
 
 
 def test_load_rows_npz_with_ids(tmp_path):
     path = tmp_path / "rows.npz"
     np.savez(path, X=np.ones((2, 3)), y=np.array([1, 2]), ids=np.array([100, 101]))
-    X, y, ids = load_rows(path)
-    assert X.shape == (2, 3)
-    np.testing.assert_array_equal(y, [1, 2])
-    np.testing.assert_array_equal(ids, [100, 101])
+    rows = load_rows(path)
+    assert rows.X.shape == (2, 3)
+    np.testing.assert_array_equal(rows.y, [1, 2])
+    np.testing.assert_array_equal(rows.ids, [100, 101])
 
 
 def test_load_rows_npz_without_X_raises(tmp_path):
@@ -280,9 +381,9 @@ def test_load_rows_npz_without_X_raises(tmp_path):
 
 
 def test_load_rows_unknown_suffix_raises(tmp_path):
-    path = tmp_path / "rows.txt"
+    path = tmp_path / "rows.parquet"
     path.write_text("1,2,3\n")
-    with pytest.raises(ExpungeError, match="expected .csv or .npz"):
+    with pytest.raises(ExpungeError, match="expected .npz or a delimited text table"):
         load_rows(path)
 
 
@@ -327,5 +428,24 @@ def test_missing_ids_file_raises(tmp_path):
 def test_unsupported_extension_raises(tmp_path):
     path = tmp_path / "data.parquet"
     path.write_bytes(b"PAR1")
-    with pytest.raises(ExpungeError, match="expected .npz or .csv"):
+    with pytest.raises(ExpungeError, match="expected .npz, a delimited text table"):
         load_dataset(str(path))
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_and_learnable():
+    train, test = load_dataset("synthetic")
+    assert len(train) == 20_000 and len(test) == 5_000 and train.n_features == 200 and train.n_classes == 10
+    assert not set(train.ids) & set(test.ids)
+    again, _ = load_dataset("synthetic")
+    assert again.fingerprint() == train.fingerprint()
+    counts = np.bincount(train.y, minlength=10)
+    assert counts.min() > 0.02 * len(train)  # every class occurs
+
+
+def test_make_synthetic_sizes():
+    train, test = make_synthetic(n_train=30, n_test=10, n_features=4, n_classes=3, seed=1)
+    assert train.X.shape == (30, 4) and test.X.shape == (10, 4) and set(train.y) <= {0, 1, 2}
+    np.testing.assert_array_equal(test.ids, np.arange(30, 40))

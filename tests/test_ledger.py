@@ -1,15 +1,26 @@
-"""Ledger: append-only SQLite record of requests, and repair from the manifest after a crash."""
+"""Ledger: hash-chained rows in SQLite; appending only what follows the head; reading never writes."""
 
 import sqlite3
 
 import pytest
 
-from expunge.ledger import Ledger, ids_digest
+from expunge.errors import ExpungeError
+from expunge.ledger import GENESIS, Entry, Ledger, canonical, ids_digest, make_entry, sha256_hex
 
 
-def report(kind="forget", ids=(3, 1, 2), model="abc123", method="deltagrad"):
-    return {"kind": kind, "method": method, "ids": list(ids), "model_hash_after": model, "seconds": 0.5,
-            "metrics": {"rows": 10}}
+def report(kind="forget", ids=(3, 1, 2), before="m0", after="m1", method="deltagrad"):
+    return {"kind": kind, "method": method, "ids": list(ids), "model_hash_before": before, "model_hash_after": after,
+            "seconds": 0.5, "guarantee": {"kind": "exact"}, "metrics": {"rows": 10}}
+
+
+def chain(n=3, run_id="run", signer=None):
+    entries, prev = [], None
+    for v in range(1, n + 1):
+        prev = make_entry(prev, run_id=run_id, version=v, report=report(ids=(v,), before=f"m{v - 1}", after=f"m{v}"),
+                          state_sha256=f"s{v}", request={"requested_by": "dpo@example.org", "reason": "art. 17",
+                                                         "reference": f"T-{v}"}, signer=signer)
+        entries.append(prev)
+    return entries
 
 
 @pytest.fixture
@@ -17,81 +28,98 @@ def ledger(tmp_path):
     return Ledger(tmp_path / "ledger.sqlite")
 
 
-def test_new_ledger_is_empty(ledger):
-    assert ledger.entries() == []
-    assert ledger.last_version() == 0
+def test_canonical_json_ignores_key_order_and_spacing():
+    assert canonical({"b": 1, "a": [1, 2.5]}) == canonical({"a": [1, 2.5], "b": 1}) == b'{"a":[1,2.5],"b":1}'
 
 
-def test_append_then_entries_round_trip(ledger):
-    first, second = report("train", ids=(), model="m1", method="train"), report("forget", ids=(5, 4), model="m2")
-    ledger.append(1, first)
-    ledger.append(2, second)
-    entries = ledger.entries()
-    assert [e["version"] for e in entries] == [1, 2]
-    assert [e["kind"] for e in entries] == ["train", "forget"]
-    assert entries[1]["method"] == "deltagrad"
-    assert entries[1]["n_rows"] == 2 and entries[0]["n_rows"] == 0
-    assert entries[1]["ids_sha256"] == ids_digest([4, 5])
-    assert entries[1]["model_hash"] == "m2"
-    assert entries[0]["report"] == first and entries[1]["report"] == second
-    assert entries[0]["at"] and entries[0]["seq"] < entries[1]["seq"]
-    assert ledger.last_version() == 2
+def test_each_row_commits_to_the_one_before_and_to_the_request():
+    first, second, third = chain()
+    assert first.body["prev_hash"] == GENESIS and second.body["prev_hash"] == first.entry_hash
+    assert third.body["prev_hash"] == second.entry_hash and [e.seq for e in (first, second, third)] == [1, 2, 3]
+    assert second.entry_hash == sha256_hex(canonical(second.body))
+    body = second.body
+    assert (body["requested_by"], body["reason"], body["reference"]) == ("dpo@example.org", "art. 17", "T-2")
+    assert (body["model_hash_before"], body["model_hash_after"], body["state_sha256"]) == ("m1", "m2", "s2")
+    assert body["ids_sha256"] == ids_digest([2]) and body["n_rows"] == 1 and body["guarantee"] == {"kind": "exact"}
+    assert body["signer"] is None and second.signature is None
+
+
+def test_a_new_ledger_is_empty_and_reading_it_creates_nothing(ledger):
+    assert ledger.read() == [] and ledger.head() is None and ledger.length() == 0
+    assert not ledger.path.exists()
+
+
+def test_append_then_read_round_trips(ledger):
+    entries = chain()
+    for e in entries:
+        ledger.append(e)
+    assert ledger.read() == entries
+    assert ledger.head() == entries[-1] and ledger.row(2) == entries[1] and ledger.length() == 3
+    assert ledger.entries()[1]["reference"] == "T-2" and ledger.entries()[1]["entry_hash"] == entries[1].entry_hash
 
 
 def test_entries_survive_reopening(tmp_path):
-    Ledger(tmp_path / "l.sqlite").append(1, report())
-    assert [e["version"] for e in Ledger(tmp_path / "l.sqlite").entries()] == [1]
+    entries = chain(1)
+    Ledger(tmp_path / "l.sqlite").append(entries[0])
+    assert Ledger(tmp_path / "l.sqlite").read() == entries
 
 
 def test_ids_digest_ignores_order():
     assert ids_digest([3, 1, 2]) == ids_digest([1, 2, 3]) != ids_digest([1, 2])
 
 
-def test_a_version_is_recorded_once(ledger):
-    ledger.append(1, report())
-    with pytest.raises(sqlite3.IntegrityError):
-        ledger.append(1, report())
+@pytest.mark.parametrize("skip", [0, 1])
+def test_only_the_row_that_follows_the_head_is_appended(ledger, skip):
+    entries = chain()
+    ledger.append(entries[0])
+    with pytest.raises(ExpungeError, match="does not follow"):
+        ledger.append(entries[2] if skip else entries[0])  # a gap, or the same row twice
+    assert ledger.length() == 1
 
 
-def test_update_is_refused(ledger):
-    ledger.append(1, report())
+def test_a_row_of_another_chain_is_refused(ledger):
+    ledger.append(chain()[0])
+    with pytest.raises(ExpungeError, match="does not follow"):
+        ledger.append(chain(run_id="other")[1])  # seq 2, but linked to another run's row 1
+
+
+@pytest.mark.parametrize("statement", ["UPDATE entries SET body = 'x'", "DELETE FROM entries"])
+def test_update_and_delete_are_refused_by_triggers(ledger, statement):
+    for e in chain():
+        ledger.append(e)
     db = sqlite3.connect(ledger.path)
     try:
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            db.execute("UPDATE requests SET kind = 'add'")
+            db.execute(statement)
     finally:
         db.close()
-    assert ledger.entries()[0]["kind"] == "forget"
+    assert len(ledger.read()) == 3
 
 
-def test_delete_is_refused(ledger):
-    ledger.append(1, report())
+def test_a_damaged_ledger_file_is_a_clear_error_naming_the_recovery(ledger):
+    ledger.path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ExpungeError, match="damaged.*restore it from a backup"):
+        ledger.read()
+
+
+def test_a_row_that_is_not_json_is_a_clear_error(ledger):
+    ledger.append(chain(1)[0])
     db = sqlite3.connect(ledger.path)
-    try:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            db.execute("DELETE FROM requests")
-    finally:
-        db.close()
-    assert len(ledger.entries()) == 1
+    db.executescript("DROP TRIGGER entries_no_update; UPDATE entries SET body = '{not json';")
+    db.close()
+    with pytest.raises(ExpungeError, match="row 1 .* not valid JSON"):
+        ledger.read()
 
 
-def test_sync_appends_last_report_when_behind(ledger):
-    ledger.append(1, report("train", ids=(), model="m1"))
-    manifest = {"version": 2, "last_report": report("forget", ids=(7,), model="m2")}
-    ledger.sync(manifest)
-    entries = ledger.entries()
-    assert [e["version"] for e in entries] == [1, 2]
-    assert entries[1]["report"] == manifest["last_report"]
+def test_a_ledger_of_the_earlier_format_names_the_migration(ledger):
+    db = sqlite3.connect(ledger.path)
+    db.execute("CREATE TABLE requests (seq INTEGER PRIMARY KEY, version INTEGER)")
+    db.commit()
+    db.close()
+    with pytest.raises(ExpungeError, match="expunge migrate"):
+        ledger.read()
 
 
-def test_sync_does_nothing_when_up_to_date(ledger):
-    ledger.append(1, report("train", ids=(), model="m1"))
-    ledger.append(2, report("forget", ids=(7,), model="m2"))
-    before = ledger.entries()
-    ledger.sync({"version": 2, "last_report": report("forget", ids=(7,), model="m2")})
-    assert ledger.entries() == before
-
-
-def test_sync_without_last_report_does_nothing(ledger):
-    ledger.sync({"version": 3})
-    assert ledger.entries() == []
+def test_entry_dict_round_trip():
+    (entry,) = chain(1)
+    assert Entry.from_dict(entry.to_dict()) == entry

@@ -11,8 +11,9 @@
 from .data import IndexedDataset, load_dataset
 from .errors import ExpungeError
 from .recipe import BatchPlan, TrainRecipe
+from .tables import ReadOptions
 from .unlearn import DeltaGrad, Fitted, Retrain, UpdateReport
 
 __version__ = "0.1.0"
-__all__ = ["BatchPlan", "DeltaGrad", "ExpungeError", "Fitted", "IndexedDataset", "Retrain", "TrainRecipe",
-           "UpdateReport", "load_dataset"]
+__all__ = ["BatchPlan", "DeltaGrad", "ExpungeError", "Fitted", "IndexedDataset", "ReadOptions", "Retrain",
+           "TrainRecipe", "UpdateReport", "load_dataset"]

@@ -98,5 +98,6 @@ class FlatModel:
 
 
 def weights_hash(w: torch.Tensor) -> str:
-    """Short content hash of a flat weight vector, for reports and the ledger."""
-    return hashlib.sha256(w.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    """SHA-256 of a flat weight vector's bytes, for reports and the ledger (whole: a hash cut short would let
+    someone prepare two models that share it)."""
+    return hashlib.sha256(w.detach().cpu().contiguous().numpy().tobytes()).hexdigest()

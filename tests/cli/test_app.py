@@ -5,7 +5,7 @@ import sys
 
 from .helpers import invoke
 
-COMMANDS = ["train", "forget", "add", "info", "evaluate", "ledger", "bench", "demo"]
+COMMANDS = ["train", "forget", "add", "info", "evaluate", "ledger", "verify", "receipt", "migrate", "keygen", "bench", "demo"]
 
 
 def test_help_lists_every_command_in_order():

@@ -41,6 +41,8 @@ def test_ledger_lists_train_forget_add_in_order(run, tmp_path):
 def test_not_a_run_directory_is_a_clean_error(tmp_path):
     result = invoke("info", tmp_path)
     assert_clean_failure(result, "not a run directory")
+    assert_clean_failure(invoke("forget", tmp_path / "absent", "--ratio", "0.01"), "not a run directory")
+    assert not (tmp_path / "absent").exists()
 
 
 def test_forget_a_class_with_fisher_then_evaluate_against_retraining(tmp_path):

@@ -1,6 +1,5 @@
 """Loading causal LMs: tiny architectures from a seed, Hugging Face folders, GGUF checks, and the refusals."""
 
-import json
 
 import numpy as np
 import pytest

@@ -88,12 +88,18 @@ def test_coupling_with_alpha_zero_is_dp_sgd_noise_and_all():
 
 # ----------------------------------------------------------------------------- DOPPLER
 
-def test_doppler_default_filter_is_low_pass_with_unit_gain_after_bias_correction():
-    w, h = scipy.signal.freqz(DOPPLER_B, DOPPLER_A, worN=[0.0, 0.01, 0.1, 0.5, 1.0, math.pi])
+def test_doppler_default_filter_is_a_chebyshev_low_pass_with_a_10db_resonance():
+    """The default (the authors' optimizer's default) is cheby1(2, 10 dB ripple, 0.02): after the bias
+    correction it passes frequency 0 at gain 1 but peaks at +10 dB near 0.0445 rad/step (a 141-step period)
+    before it falls off. The resonance, not the averaging, is what limits DOPPLER's learning rate."""
+    b, a = scipy.signal.cheby1(2, 10, 0.02)
+    assert np.allclose(DOPPLER_A, a, atol=1e-8) and np.allclose(DOPPLER_B, b, atol=1e-8)
+    w, h = scipy.signal.freqz(DOPPLER_B, DOPPLER_A, worN=np.linspace(0, math.pi, 20001))
     steady_state = sum(DOPPLER_B) / sum(DOPPLER_A)  # what the bias correction c_t tends to
     gain = np.abs(h) / steady_state
     assert gain[0] == pytest.approx(1.0)
-    assert np.all(np.diff(gain[1:]) < 0) and gain[-1] < 1e-3  # falls off: high frequencies are removed
+    assert gain.max() == pytest.approx(10 ** 0.5, rel=1e-3) and w[gain.argmax()] == pytest.approx(0.0445, abs=5e-4)
+    assert gain[w > 0.2].max() < 0.1 and gain[-1] < 1e-3  # high frequencies (white noise's bulk) are removed
 
 
 def test_doppler_matches_lfilter_and_passes_a_constant_from_step_one():
@@ -234,6 +240,29 @@ def test_dicesgd_noise_and_its_accounting():
     # the epsilon reported is DP-SGD's for noise multiplier sigma at the same rate and steps (the paper's analysis)
     assert engine.epsilon(1e-5) == pytest.approx(
         accounting.epsilon([accounting.Phase(sigma, batch / N, 40)], 1e-5))
+
+
+@pytest.mark.filterwarnings("ignore:noise_multiplier 0")
+def test_dicesgd_removes_the_clipping_bias_that_dp_sgd_keeps():
+    """Known answer: minimising mean_i (w - a_i)^2 / 2 with a = (0, 0, 0, 0, 0, 3), C1 = 1, no noise. DP-SGD stops
+    where the clipped gradients cancel, 5 w - 1 = 0 (w = 0.2); DiceSGD's error feedback reaches the true minimiser
+    mean(a) = 0.5 (its error stays bounded there: the clipped mean gradient, 0.25, is within C2 / B = 1/3)."""
+    a = torch.tensor([0.0, 0, 0, 0, 0, 3], dtype=torch.float64)
+    X = torch.ones(6, 1, dtype=torch.float64)
+    found = {}
+    for name, transforms in (("dp-sgd", []), ("dicesgd", [DiceSGD(C2=2.0)])):
+        model = nn.Linear(1, 1, bias=False).double()
+        nn.init.zeros_(model.weight)
+        engine = make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), (X, a), batch_size=6,
+                              noise_multiplier=0.0, max_grad_norm=1.0, transforms=transforms)
+        while engine.steps < 100:
+            for xb, yb in engine.loader:
+                engine.optimizer.zero_grad()
+                (0.5 * (model(xb).squeeze(1) - yb) ** 2).mean().backward()
+                engine.optimizer.step()
+        found[name] = model.weight.item()
+    assert found["dp-sgd"] == pytest.approx(0.2, abs=1e-9)
+    assert found["dicesgd"] == pytest.approx(0.5, abs=1e-9)
 
 
 # ----------------------------------------------------------------------------- coupling and continual pre-training

@@ -136,6 +136,37 @@ def test_a_damaged_preconditioner_cache_is_rebuilt(tmp_path):
     assert report.metrics["dist_to_retrain"] < 0.05 * report.metrics["dist_previous_to_retrain"]
 
 
+@pytest.mark.parametrize("damage", ["nan", "not a factor", "checksum"])
+def test_a_preconditioner_cache_with_wrong_values_is_rebuilt(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    data = problem(seed=8)
+    fitted = CertifiedRemoval(lam=1e-2, sigma=1.0).fit(data, out=tmp_path / "run")
+    path = fitted.path / "cache" / "preconditioner.safetensors"
+    factors = load_file(path)["factors"]
+    if damage == "nan":
+        save_file({"factors": torch.full_like(factors, float("nan"))}, str(path),
+                  metadata={"sha256": hashlib.sha256(torch.full_like(factors, float("nan")).numpy().tobytes()).hexdigest()})
+    elif damage == "not a factor":
+        bad = -factors.transpose(1, 2).contiguous()
+        save_file({"factors": bad}, str(path), metadata={"sha256": hashlib.sha256(bad.numpy().tobytes()).hexdigest()})
+    else:
+        save_file({"factors": factors * 3}, str(path), metadata={"sha256": "0" * 64})
+    report = RunModel.load(fitted.path).forget([4], compare=True)
+    assert math.isfinite(report.guarantee["spent"])
+    assert report.metrics["dist_to_retrain"] < 0.05 * report.metrics["dist_previous_to_retrain"]
+
+
+@pytest.mark.parametrize("method", ["fisher", "finetune", "deltagrad"])
+def test_methods_without_a_certificate_are_refused(tmp_path, method):
+    fitted = CertifiedRemoval(lam=1e-2, sigma=1.0).fit(problem(seed=8), out=tmp_path / "run")
+    before = snapshot(fitted.path)
+    with pytest.raises(ExpungeError, match=f"certified, and {method} carries no certificate"):
+        fitted.forget([4], method=method)
+    assert snapshot(fitted.path) == before
+    assert fitted.forget([4], method="retrain").guarantee["kind"] == "certified"  # fresh noise keeps it
+
+
 def test_adding_rows_retrains_exactly(tmp_path):
     data = problem(seed=10)
     fitted = CertifiedRemoval(lam=1e-2, sigma=1.0).fit(data, out=tmp_path / "run")

@@ -115,6 +115,8 @@ def test_deleting_twice_is_refused(run):
     (np.zeros((2, 5)), [0, 1], [1000, 5000], "already in"),        # id already present
     (np.zeros((2, 5)), [0, 1], [4000, 4000], "unique"),            # duplicate ids
     (np.full((1, 5), np.nan), [0], None, "NaN"),                   # not finite
+    (np.zeros((2, 5)), [0, 1.5], None, "non-integer"),             # a float label, never truncated
+    (np.zeros((2, 5)), [0, 1], [4000.5, 4001], "non-integer"),     # a float id, never truncated
 ])
 def test_bad_additions_change_nothing(run, X, y, ids, message):
     before = snapshot(run.path)
@@ -129,22 +131,25 @@ def test_ratio_outside_zero_one_is_refused(run):
             run.sample_ids(ratio)
 
 
-def test_corrupted_trajectory_is_detected_before_anything_changes(run):
-    params = run.path / "versions/000001/trajectory/params.npy"
-    raw = bytearray(params.read_bytes())
-    raw[-3] ^= 0xFF
-    params.write_bytes(bytes(raw))
+def corrupt(path, truncate=False):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-100] if truncate else raw[:-3] + bytes([raw[-3] ^ 0xFF]) + raw[-2:])
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_a_damaged_trajectory_is_rebuilt_by_the_retraining_its_message_names(run, truncate):
+    corrupt(run.path / "versions/000001/trajectory/params.npy", truncate)
     before = snapshot(run.path)
-    with pytest.raises(ExpungeError, match="corrupted.*retrain"):
-        Fitted.load(run.path)
-    assert snapshot(run.path) == before
-
-
-def test_truncated_trajectory_is_detected(run):
-    params = run.path / "versions/000001/trajectory/params.npy"
-    params.write_bytes(params.read_bytes()[:-100])
-    with pytest.raises(ExpungeError, match="params.npy"):
-        Fitted.load(run.path)
+    reopened = Fitted.load(run.path)  # the model itself is intact: the run opens, the cache is noted
+    assert torch.equal(reopened.w, run.w) and reopened.trajectory is None
+    assert [p.where for p in reopened.cache_problems] == ["versions/000001/trajectory/params.npy"]
+    with pytest.raises(ExpungeError, match="trajectory is damaged .*params.npy.* --method retrain, which rebuilds it"):
+        reopened.forget([1001])
+    assert snapshot(run.path) == before  # refused before anything changed
+    report = reopened.forget([1001], method="retrain")  # the path the message names
+    assert report.version == 2 and reopened.trajectory is not None and not reopened.trajectory_problem
+    again = Fitted.load(run.path)
+    assert again.cache_problems == [] and again.forget([1002], compare=True).guarantee["kind"] == "approximate"
 
 
 def test_a_crash_mid_update_leaves_the_previous_run_intact(run, monkeypatch):
@@ -165,18 +170,24 @@ def test_a_crash_mid_update_leaves_the_previous_run_intact(run, monkeypatch):
     assert reloaded.forget([1001, 1002]).version == 2
 
 
-def test_a_crash_between_manifest_and_ledger_is_repaired_on_load(run, monkeypatch):
+def test_a_crash_between_manifest_and_ledger_is_repaired_by_the_next_write_from_the_manifest(run, monkeypatch):
     monkeypatch.setattr(ledger_module.Ledger, "append", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        run.forget([1001])
+        run.forget([1001], requested_by="alice")
     monkeypatch.undo()
     reloaded = Fitted.load(run.path)
-    assert reloaded.version == 2
-    assert [e["kind"] for e in reloaded.ledger.entries()] == ["train", "forget"]
+    assert reloaded.version == 2 and reloaded.pending.version == 2
+    assert [e["kind"] for e in reloaded.ledger.entries()] == ["train"]  # opening never writes
     # the handle took the whole committed state, not half of it
     assert run.version == 2 and torch.equal(run.w, reloaded.w)
     np.testing.assert_array_equal(run.active, reloaded.active)
     np.testing.assert_array_equal(run.trajectory.params, reloaded.trajectory.params)
+    report = reloaded.forget([1002])
+    rows = reloaded.ledger.entries()
+    assert [(e["version"], e["kind"], e["requested_by"]) for e in rows] == [(1, "train", None), (2, "forget", "alice"),
+                                                                          (3, "forget", None)]
+    assert rows[2]["prev_hash"] == rows[1]["entry_hash"]
+    assert "appended from the manifest" in report.notes[0]
 
 
 def test_methods_that_need_their_own_runs_are_refused(run):
@@ -188,8 +199,12 @@ def test_methods_that_need_their_own_runs_are_refused(run):
 def test_a_stale_handle_cannot_overwrite_a_newer_version(run):
     other = Fitted.load(run.path)
     other.forget([1001])
-    with pytest.raises(ExpungeError, match="changed since"):
+    before = snapshot(run.path)
+    with pytest.raises(ExpungeError, match="changed since.*RunModel.locked"):
         run.forget([1002])
+    assert snapshot(run.path) == before
+    with Fitted.locked(run.path) as fresh:  # loading under the lock sees the newest version
+        assert fresh.forget([1002]).version == 3
 
 
 def test_training_into_an_existing_run_is_refused(run):

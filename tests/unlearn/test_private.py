@@ -75,3 +75,38 @@ def test_private_runs_train_with_a_transform_and_keep_it_on_retraining(tmp_path,
     assert torch.equal(run.w, run.updater.train(run.ws, run.active, run.w0)[0])
     with pytest.raises(ExpungeError, match="dp-transform"):
         PrivateTraining(epsilon=1, transform="kalman")
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("method", ["finetune", "fisher", "ascent", "deltagrad"])
+def test_a_private_run_refuses_non_private_updates_without_drop_privacy(run, method):
+    before = snapshot(run.path)
+    with pytest.raises(ExpungeError, match=f"differentially private .* {method} is not a private update.*--drop-privacy"):
+        run.forget(run.universe.ids[:3], method=method)
+    assert snapshot(run.path) == before
+    with pytest.raises(ExpungeError, match="keeps the privacy guarantee"):  # nothing to drop with the run's own update
+        run.forget(run.universe.ids[:3], drop_privacy=True)
+
+
+def test_drop_privacy_records_that_the_guarantee_ended_and_private_retraining_restores_it(run):
+    epsilon = run.privacy["epsilon_pld"]
+    report = run.forget(run.universe.ids[:3], method="finetune", drop_privacy=True, requested_by="ops",
+                        reason="urgent takedown before the private retraining")
+    ended = report.guarantee["privacy_ended"]
+    assert ended["version"] == 2 and ended["method"] == "finetune" and ended["privacy"]["epsilon_pld"] == epsilon
+    reopened = RunModel.load(run.path)
+    assert "privacy" not in reopened.manifest and reopened.manifest["privacy_ended"] == ended
+    assert reopened.privacy == {} and reopened.guarantees() == set()
+    row = reopened.ledger.entries()[-1]
+    assert row["guarantee"]["privacy_ended"] == ended and row["requested_by"] == "ops"
+    # the guarantee is gone: further non-private updates need no flag, and the flag now has nothing to drop
+    reopened.forget(reopened.universe.ids[3:4], method="finetune")
+    with pytest.raises(ExpungeError, match="not private"):
+        reopened.forget(reopened.universe.ids[4:5], method="finetune", drop_privacy=True)
+    report = reopened.forget(reopened.universe.ids[4:5])  # private retraining: a private model again
+    assert report.method == "dp" and reopened.guarantees() == {"private"}
+    assert "privacy_ended" not in reopened.manifest and reopened.privacy["epsilon_pld"] <= 4.0

@@ -148,6 +148,11 @@ def test_bad_settings_are_refused(kwargs, message):
         SISA(**kwargs)
 
 
-def test_other_methods_are_refused_on_a_sisa_run(fitted):
-    with pytest.raises(ExpungeError, match="SISA run"):
-        fitted.forget([501], method="deltagrad")
+@pytest.mark.parametrize("method", ["deltagrad", "fisher", "finetune"])
+def test_methods_that_are_not_exact_are_refused_on_a_sisa_run(fitted, method):
+    before = snapshot(fitted.path)
+    with pytest.raises(ExpungeError, match=f"this run is exact .* {method} is not; update it with sisa"):
+        fitted.forget([501], method=method)
+    with pytest.raises(ExpungeError, match="SISA run"):  # exact, but not how a SISA run is updated
+        fitted.forget([501], method="retrain")
+    assert snapshot(fitted.path) == before

@@ -4,7 +4,10 @@ JSON rows and a plot beside them. Speed is measured here, side by side, never in
 BENCHMARKS = {"deltagrad": "expunge.bench.deltagrad", "certified": "expunge.bench.certified",
               "sisa": "expunge.bench.sisa", "forgetting": "expunge.bench.forgetting",
               "dp-engine": "expunge.bench.dp_engine", "dp-mnist": "expunge.bench.dp_mnist",
-              "dp-optimizers": "expunge.bench.dp_optimizers", "llm-unlearning": "expunge.bench.llm_unlearning"}
+              "dp-optimizers": "expunge.bench.dp_optimizers",
+              "dp-filters": "expunge.bench.dp_filters", "dp-optimizers-long": "expunge.bench.dp_optimizers_long",
+              "gen": "expunge.bench.gen", "merge": "expunge.bench.merge",
+              "llm-unlearning": "expunge.bench.llm_unlearning"}
 
 
 def report(rows: list[dict], json_out, table, plot, console=None) -> list[dict]:

@@ -68,6 +68,7 @@ class Recipe:
     momentum: float = 0.9
     max_grad_norm: float = 0.1
     clip_fn: str = "abadi"
+    optimizer: str = "sgd"  # or "adam" (momentum unused)
 
 
 RECIPES = {eps: Recipe() for eps in EPSILONS}
@@ -88,21 +89,28 @@ def cnn() -> nn.Module:
         nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10))
 
 
-def images(X: np.ndarray) -> torch.Tensor:
+def images(X: np.ndarray, mean: float = MEAN, std: float = STD) -> torch.Tensor:
     """Flat [0, 1] rows to standardised (N, 1, 28, 28) images."""
     if X.shape[1] != 28 * 28:
         raise ExpungeError(f"MNIST rows have 784 pixels, got {X.shape[1]} features")
-    return ((torch.from_numpy(X) - MEAN) / STD).reshape(-1, 1, 28, 28)
+    return ((torch.from_numpy(X) - mean) / std).reshape(-1, 1, 28, 28)
+
+
+def load_images(spec: str, limit: int | None = None, mean: float = MEAN, std: float = STD):
+    """((X, y), (X_test, y_test)) as standardised image tensors from any MNIST-format source (MNIST's npz,
+    Fashion-MNIST's IDX folder); `limit` keeps the first rows of the training set."""
+    train, test = load_dataset(str(spec))
+    if limit:
+        train = train.take(np.arange(min(limit, len(train))))
+    return ((images(train.X, mean, std), torch.from_numpy(train.y)),
+            (images(test.X, mean, std), torch.from_numpy(test.y)))
 
 
 def datasets(data_dir: Path, limit: int | None = None):
     path = Path(data_dir) / "mnist" / "mnist.npz"
     if not path.exists():
         raise ExpungeError(f"{path} not found; pass --data pointing at the shared data folder")
-    train, test = load_dataset(str(path))
-    if limit:
-        train = train.take(np.arange(min(limit, len(train))))
-    return ((images(train.X), torch.from_numpy(train.y)), (images(test.X), torch.from_numpy(test.y)))
+    return load_images(str(path), limit)
 
 
 def smoke_recipe(recipe: Recipe, n: int) -> Recipe:
@@ -120,33 +128,46 @@ def accuracy(model: nn.Module, data) -> float:
 
 
 def run_epsilon(train, test, epsilon: float, recipe: Recipe, seed: int = 0, progress: bool = False,
-                curve: bool = False) -> dict:
+                curve: bool = False, transforms=None, epochs_run: int | None = None) -> dict:
     """Train the CNN privately at `epsilon` and return the benchmark row (with the per-epoch test accuracy
-    in `curve` when asked: for choosing recipes, not reported)."""
+    in `curve` when asked: for choosing recipes, not reported). `transforms` go to `make_private` (DiSK,
+    DOPPLER, ...); `epochs_run` stops after that many epochs of a run whose noise is calibrated for
+    `recipe.epochs` (the first part of the full run, as a shorter tuning run)."""
     torch.manual_seed(seed)
     n = len(train[1])
     model = cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
+    if recipe.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    elif recipe.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
+    else:
+        raise ExpungeError(f"unknown optimizer {recipe.optimizer!r}; use 'sgd' or 'adam'")
     engine = make_private(model, optimizer, train, target_epsilon=epsilon, target_delta=DELTA, epochs=recipe.epochs,
                           max_grad_norm=recipe.max_grad_norm, batch_size=recipe.batch_size, clip_fn=recipe.clip_fn,
-                          seed=seed)
+                          seed=seed, transforms=transforms)
     sigma = engine.noise_multiplier
+    epochs_run = recipe.epochs if epochs_run is None else min(epochs_run, recipe.epochs)
     accs = []
     start = time.perf_counter()
-    for epoch in range(recipe.epochs):
+    for epoch in range(epochs_run):
         batches = track(engine.loader, len(engine.loader), f"eps {epsilon:g} epoch {epoch + 1}/{recipe.epochs}",
                         progress)
         for x, y in batches:
-            engine.optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            engine.optimizer.step()
+            def closure(x=x, y=y):  # DiSK evaluates it at its extrapolated point
+                engine.optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            engine.optimizer.step(closure)
         if curve:
             accs.append(accuracy(model, test))
     seconds = time.perf_counter() - start
     engine.detach()
     eps_pld, eps_rdp = engine.epsilon(DELTA, "pld"), engine.epsilon(DELTA, "rdp")  # accounting quiets absl
     row = {"epsilon_target": epsilon, "epsilon_pld": eps_pld, "epsilon_rdp": eps_rdp, "delta": DELTA,
-           "noise_multiplier": sigma, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "steps": engine.steps,
+           "noise_multiplier": sigma, "epochs": recipe.epochs, "epochs_run": epochs_run, "batch_size": recipe.batch_size,
+           "steps": engine.steps,
            "test_acc": accuracy(model, test), "seconds": seconds, "rows": n, **{
                k: v for k, v in asdict(recipe).items() if k not in ("epochs", "batch_size")}}
     if curve:

@@ -2,13 +2,14 @@
 
     app.py         the application object, consoles, the error frame, shared options
     updates.py     training and updates: train, forget, add
-    inspection.py  inspection and audit: info, evaluate, ledger
+    inspection.py  inspection: info, evaluate, ledger
+    audit.py       audit: verify, receipt, migrate, keygen
     benchmarks.py  benchmarks: bench
     demo.py        the README's demo
 """
 
 from .app import app
-from . import updates, inspection, benchmarks, demo  # noqa: E402,F401  (registration order is the order of --help)
+from . import updates, inspection, audit, benchmarks, demo  # noqa: E402,F401  (registration order is the order of --help)
 
 
 def main():  # pragma: no cover - console script entry

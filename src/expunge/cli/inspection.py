@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ExpungeError
-from .app import JSON_HELP, app, console, friendly, write_json
+from .app import JSON_HELP, app, console, errors, friendly, write_json
 
 
 @app.command()
@@ -44,8 +44,28 @@ def info(
         pr = summary["privacy"] = fitted.manifest["privacy"]
         table.add_row("privacy", f"epsilon {pr['epsilon_pld']:.3f} (PLD; RDP {pr['epsilon_rdp']:.3f}) at delta "
                       f"{pr['delta']:g}, noise multiplier {pr['noise_multiplier']:.4f}, {pr['steps']} steps")
+    if "privacy_ended" in fitted.manifest:
+        ended = summary["privacy_ended"] = fitted.manifest["privacy_ended"]
+        before = ended.get("privacy") or {}
+        table.add_row("privacy", f"none: the guarantee ended at version {ended['version']} ({ended['method']}, "
+                      f"--drop-privacy); the model was (epsilon {before.get('epsilon_pld', float('nan')):.3f}, delta "
+                      f"{before.get('delta', float('nan')):g})-private before")
+    summary["guarantees"] = sorted(fitted.guarantees())
+    table.add_row("guarantees", ", ".join(summary["guarantees"]) or "none beyond the last update's own")
     table.add_row("data", f"{summary['data']['name']} ({summary['data']['source'] or 'stored in the run'})")
+    head = fitted.manifest["ledger"]
+    signing = fitted.manifest.get("signing")
+    summary["ledger"] = {"length": head["length"], "head": head["head"], "signing": signing and
+                         {k: signing[k] for k in ("alg", "key_id")}, "pending": fitted.pending is not None}
+    table.add_row("ledger", f"{head['length']} row(s), head {head['head'][:16]}..., "
+                  + (f"signed ({signing['alg']}, key {signing['key_id']})" if signing else "not signed"))
     console.print(table)
+    if fitted.pending is not None:
+        console.print(f"[yellow]note[/] ledger row {fitted.pending.seq} is in the manifest but not yet in the ledger "
+                      "file (a crash between commit and append); the next forget or add appends it", highlight=False)
+    summary["cache_problems"] = [p.to_dict() for p in fitted.cache_problems]
+    for problem in fitted.cache_problems:
+        console.print(f"[yellow]note[/] cache {problem}", highlight=False)
     write_json(json_out, summary)
 
 
@@ -122,23 +142,73 @@ def _shadow_models(fitted, retain, k: int):
     return models
 
 
+CSV_COLUMNS = ("seq", "version", "at", "kind", "method", "n_rows", "ids_sha256", "guarantee_kind", "guarantee",
+               "requested_by", "reason", "reference", "model_hash_before", "model_hash_after", "state_sha256",
+               "prev_hash", "entry_hash", "signer", "signature", "migrated", "in_ledger_file")
+
+
+def _csv_row(entry: dict) -> dict:
+    guarantee = entry.get("guarantee") or {}
+    signer = entry.get("signer")
+    return {**{k: entry.get(k) for k in CSV_COLUMNS}, "guarantee_kind": guarantee.get("kind"),
+            "guarantee": json.dumps(guarantee, sort_keys=True),
+            "signer": f"{signer['alg']}:{signer['key_id']}" if signer else ""}
+
+
+def _guarantee(g: dict | None) -> str:
+    g = g or {}
+    text = g.get("kind", "?")
+    if g.get("kind") == "certified":
+        text += f" (eps {g.get('epsilon'):g})"
+    elif "privacy" in g:
+        text += f", private (eps {g['privacy'].get('epsilon_pld', float('nan')):.2f})"
+    if "privacy_ended" in g:
+        text += ", privacy ended"
+    return text
+
+
 @app.command()
 @friendly
 def ledger(
     run: Path = typer.Argument(..., help="Run directory."),
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows as CSV for an auditor (one row per "
+                                          "request, every field)."),
 ):
-    """List every request the run has served (append-only)."""
-    from ..artifact import RunDirectory
-    from ..ledger import Ledger
+    """List every request the run has served: who asked, why, the guarantee, the model before and after. Read-only:
+    mismatches are reported (see `expunge verify`), never repaired here."""
+    import csv
 
-    manifest = RunDirectory(run).read_manifest()
-    book = Ledger(Path(run) / "ledger.sqlite")
-    book.sync(manifest)
-    entries = book.entries()
-    table = Table("version", "at", "kind", "method", "rows", "seconds", "model")
+    from ..artifact import RunDirectory
+    from ..integrity import reconcile
+    from ..unlearn.run import reading_verifier
+
+    directory = RunDirectory(run)
+    manifest = directory.read_manifest()
+    state = reconcile(manifest, directory.ledger, str(run), full=True, verifier=reading_verifier(manifest))
+    entries = [dict(e.to_dict(), in_ledger_file=True) for e in state.entries or []]
+    if state.pending is not None:
+        entries.append(dict(state.pending.to_dict(), in_ledger_file=False))
+    table = Table("version", "at", "kind", "method", "rows", "guarantee", "requested by", "reason", "reference",
+                  "model before -> after", "signed")
     for e in entries:
-        table.add_row(str(e["version"]), e["at"], e["kind"], e["method"], str(e["n_rows"]),
-                      f"{e['report']['seconds']:.3f}", e["model_hash"])
+        before = (e.get("model_hash_before") or "-")[:12]
+        table.add_row(str(e["version"]) + ("" if e["in_ledger_file"] else "*"), e["at"], e["kind"], e["method"],
+                      str(e["n_rows"]), _guarantee(e.get("guarantee")), e.get("requested_by") or "",
+                      e.get("reason") or "", e.get("reference") or "", f"{before} -> {e['model_hash_after'][:12]}",
+                      (e["signer"]["key_id"] if e.get("signer") else "no") + (" (migrated)" if e.get("migrated") else ""))
     console.print(table)
+    if state.pending is not None:
+        console.print("* in the manifest, not yet in the ledger file (a crash between commit and append): the next "
+                      "forget or add appends it", highlight=False)
+    for problem in state.problems:
+        errors.print(f"[bold red]mismatch:[/] {problem}", highlight=False)
+    if state.problems:
+        errors.print(f"`expunge verify {run}` checks everything (files and models too)")
     write_json(json_out, entries)
+    if csv_out is not None:
+        csv_out.parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(_csv_row(e) for e in entries)

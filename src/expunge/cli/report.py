@@ -61,7 +61,9 @@ def print_report(report, quiet: bool) -> None:
         extra = f" (retrain {100 * metrics['acc_retrain']:.2f}%)" if metrics.get("acc_retrain") is not None else ""
         table.add_row("test accuracy", f"{100 * metrics['test_acc']:.2f}%{extra}")
     table.add_row("rows now", str(metrics.get("rows")))
-    table.add_row("model", f"{report.model_hash_before or '-'} -> {report.model_hash_after} (version {report.version})")
+    before = (report.model_hash_before or "-")[:16]
+    table.add_row("model", f"{before} -> {report.model_hash_after[:16]} (version {report.version}; full hashes in --json "
+                  "and `expunge ledger`)")
     console.print(table)
 
 

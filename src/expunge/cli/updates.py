@@ -34,12 +34,50 @@ def _updater(method: str, T0: int, j0: int, m: int):
     return make_updater(method, T0=T0, j0=j0, m=m) if method == "deltagrad" else make_updater(method)
 
 
+# reading text tables: `train` takes them all, `add` the format ones (for runs not trained on a table)
+DELIMITER_OPTION = typer.Option(None, help="Text tables: the field delimiter: comma, tab, semicolon (or the character). "
+                                "Default: the one of the three that splits every line alike (reported).")
+HEADER_OPTION = typer.Option(None, "--header/--no-header", help="Text tables: whether the first row names the "
+                             "columns. Default: a header if it holds only text above a column of numbers (reported).")
+LABEL_COLUMN_OPTION = typer.Option(None, help="Text tables: the label column, a header name or a 0-based index "
+                                   "(negative counts from the end). Default: the last column.")
+ID_COLUMN_OPTION = typer.Option(None, help="Text tables: the column of row ids (integers), a name or a 0-based index. "
+                                "Default: a column the header names 'id' (any case), else row numbers from 0.")
+COMMENT_OPTION = typer.Option(None, help="Text tables: skip lines that start with this character (UCI Adult's "
+                              "adult.test starts with a '|' line).")
+_DELIMITER_WORDS = {"comma": ",", "tab": "\t", "\\t": "\t", "semicolon": ";"}
+
+
+def _read_options(delimiter=None, header=None, label_column=None, id_column=None, comment=None, **encoding):
+    from ..tables import ReadOptions, column_choice
+
+    if delimiter is not None:
+        delimiter = _DELIMITER_WORDS.get(delimiter.lower(), delimiter)
+    return ReadOptions(delimiter=delimiter, header=header, label_column=column_choice(label_column),
+                       id_column=column_choice(id_column), comment=comment, **encoding)
+
+
+def _print_notes(what: str, notes, quiet: bool) -> None:
+    """Say what was inferred or done while reading (the delimiter, the header, imputed cells...)."""
+    if not quiet:
+        for note in notes:
+            console.print(f"[dim]reading {what}:[/] {note}", highlight=False)
+
+
 # options shared by `forget` and `add`
 METHOD_OPTION = typer.Option(None, help=METHOD_HELP + " Default: the run's.")
 T0_OPTION = typer.Option(None, "--T0", help="DeltaGrad: period of explicit iterations (default: the run's, else 5).")
 J0_OPTION = typer.Option(None, help="DeltaGrad: burn-in iterations (default: the run's, else 20).")
 M_OPTION = typer.Option(None, help="DeltaGrad: L-BFGS history length (default: the run's, else 2).")
 COMPARE_OPTION = typer.Option(True, help="Also retrain exactly and report the distance to it (costs one retraining).")
+REQUESTED_BY_OPTION = typer.Option(None, help="Who asked for this change (recorded in the ledger).")
+REASON_OPTION = typer.Option(None, help="Why (recorded in the ledger), e.g. 'GDPR art. 17 erasure request'.")
+REFERENCE_OPTION = typer.Option(None, help="The asker's own reference, e.g. a ticket number (recorded in the ledger).")
+DROP_PRIVACY_OPTION = typer.Option(False, "--drop-privacy", help="On a private (--dp) run: allow a non-private method, "
+                                   "ending the model's privacy guarantee (recorded in the manifest and the ledger).")
+SIGNING_KEY_OPTION = typer.Option(None, help="Sign the ledger row with this key (Ed25519 PEM or HMAC secret, see "
+                                  "`expunge keygen`); default $EXPUNGE_SIGNING_KEY. Required once a run is signed.")
+WAIT_OPTION = typer.Option(600.0, help="Seconds to wait for another process updating the run to finish.")
 
 
 def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optional[int], m: Optional[int]):
@@ -67,7 +105,9 @@ def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optio
 @friendly
 def train(
     data: str = typer.Option(..., help="Dataset: 'digits' (bundled with scikit-learn), an .npz (x_train/y_train or X/y), "
-                             "a .csv (label last, optional id column), or a folder of MNIST-format IDX files."),
+                             "a text table (.csv, .tsv, .txt, .data...: comma, tab or semicolon separated; label in "
+                             "the last column unless --label-column says otherwise), or a folder of MNIST-format IDX "
+                             "files."),
     out: Path = typer.Option(..., help="New run directory to create."),
     model: str = typer.Option("logreg", help="logreg (multinomial logistic regression) or mlp."),
     hidden: list[int] = typer.Option([64], help="MLP hidden layer width; repeat for more layers."),
@@ -116,6 +156,25 @@ def train(
     address: Optional[str] = typer.Option(None, help="SISA, ray backend: cluster address to join (default: start a local one)."),
     classes: Optional[str] = typer.Option(None, help="Keep only these labels, relabelled in order: --classes 3,8."),
     l2_normalize: bool = typer.Option(False, help="Scale every row to unit L2 norm (certified removal assumes ||x|| <= 1)."),
+    delimiter: Optional[str] = DELIMITER_OPTION,
+    header: Optional[bool] = HEADER_OPTION,
+    label_column: Optional[str] = LABEL_COLUMN_OPTION,
+    id_column: Optional[str] = ID_COLUMN_OPTION,
+    comment: Optional[str] = COMMENT_OPTION,
+    encode_labels: bool = typer.Option(False, help="Map the labels (text, or numbers that are not 0..K-1) to 0..K-1 in "
+                                       "sorted order; the map is recorded in the run. Without it labels must be "
+                                       "integers 0..K-1."),
+    encode_categories: bool = typer.Option(False, help="Text tables: one-hot encode text columns (scikit-learn's "
+                                           "OneHotEncoder; the categories are recorded). Without it text is refused."),
+    standardize: bool = typer.Option(False, help="Text tables: scale numeric columns to mean 0 and variance 1 "
+                                     "(scikit-learn's StandardScaler, fitted on --data; recorded)."),
+    missing: str = typer.Option("refuse", help="Text tables: missing cells ('' or '?'): refuse, impute (median of a "
+                                "numeric column, most frequent value of a text column) or drop (their rows)."),
+    strip_label_suffix: Optional[str] = typer.Option(None, help="Text tables: remove this suffix from labels that end "
+                                                     "with it (UCI Adult's adult.test writes '>50K.')."),
+    test_data: Optional[Path] = typer.Option(None, help="Text tables: a held-out table read like --data (same columns "
+                                             "and encoders), to report test accuracy on."),
+    signing_key: Optional[Path] = SIGNING_KEY_OPTION,
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
 ):
@@ -135,7 +194,12 @@ def train(
             spec = {"classes": [int(c) for c in classes.split(",")] if classes else None, "l2_normalize": l2_normalize}
         except ValueError:
             raise ExpungeError(f"--classes {classes!r} must be comma-separated labels, e.g. 3,8") from None
-    train_set, test_set = load_dataset(data)
+    options = _read_options(delimiter, header, label_column, id_column, comment, encode_labels=encode_labels,
+                            encode_categories=encode_categories, standardize=standardize, missing=missing,
+                            strip_label_suffix=strip_label_suffix,
+                            test=str(test_data.resolve()) if test_data is not None else None)
+    train_set, test_set = load_dataset(data, options)
+    _print_notes(Path(data).name, (train_set.read_spec or {}).get("notes", []), quiet)
     if spec:
         train_set = preprocess(train_set, **spec)
         test_set = preprocess(test_set, **spec) if test_set is not None else None
@@ -151,19 +215,21 @@ def train(
                                   physical_batch_size=physical_batch_size, accountant=accountant,
                                   transform=dp_transform)
         fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, progress=not quiet,
-                             preprocess=spec)
+                             preprocess=spec, signing_key=signing_key)
         method = "dp"
     elif method == "certified":
         updater = CertifiedRemoval(lam=lam, sigma=sigma, epsilon=1.0 if epsilon is None else epsilon,
                                    delta=1e-4 if delta is None else delta, on_exhausted=on_exhausted, seed=seed)
-        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec)
+        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec,
+                             signing_key=signing_key)
     elif method == "sisa":
         updater = SISA(shards=shards, slices=slices, aggregation=aggregation, backend=backend, workers=workers,
                        address=address)
-        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec)
+        fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, preprocess=spec,
+                             signing_key=signing_key)
     else:
         fitted = Fitted.train(train_set, recipe, _updater(method, T0, j0, m), out=out, test=test_set, source=source,
-                              progress=not quiet, preprocess=spec)
+                              progress=not quiet, preprocess=spec, signing_key=signing_key)
     report = fitted.ledger.entries()[-1]["report"]
     if not quiet:
         acc = report["metrics"].get("test_acc")
@@ -178,11 +244,24 @@ def train(
     write_json(json_out, report)
 
 
-def _load(run: Path, data: Optional[str]):
+def _load(run: Path, data: Optional[str], wait: float):
+    """Open the run holding its lock until the request is committed: requests from several processes queue."""
+    from ..artifact import RunDirectory
     from ..data import load_dataset
     from ..unlearn import RunModel
 
-    return RunModel.load(run, *load_dataset(data)) if data else RunModel.load(run)
+    if not data:
+        return RunModel.locked(run, wait=wait)
+    read = RunDirectory(run).read_manifest()["data"].get("read")
+    if read and read.get("test"):
+        read = {**read, "test": None}  # the training table moved; its held-out table is left out
+    return RunModel.locked(run, *load_dataset(data, read_spec=read), wait=wait)
+
+
+def _print_report_notes(report, quiet: bool) -> None:
+    if not quiet:
+        for note in report.notes:
+            console.print(f"[yellow]note[/] {note}", highlight=False)
 
 
 @app.command()
@@ -200,6 +279,12 @@ def forget(
     j0: Optional[int] = J0_OPTION,
     m: Optional[int] = M_OPTION,
     compare: bool = COMPARE_OPTION,
+    requested_by: Optional[str] = REQUESTED_BY_OPTION,
+    reason: Optional[str] = REASON_OPTION,
+    reference: Optional[str] = REFERENCE_OPTION,
+    drop_privacy: bool = DROP_PRIVACY_OPTION,
+    signing_key: Optional[Path] = SIGNING_KEY_OPTION,
+    wait: float = WAIT_OPTION,
     data: Optional[str] = DATA_OPTION,
     json_out: Optional[str] = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -210,22 +295,23 @@ def forget(
 
     if sum(x is not None for x in (ids, ratio, label)) != 1:
         raise ExpungeError("give exactly one of --ids FILE, --ratio R or --class K")
-    fitted = _load(run, data)
-    if ids is not None:
-        chosen = load_ids(ids)
-    elif ratio is not None:
-        chosen = fitted.sample_ids(ratio, seed)
-    else:
-        chosen = fitted.universe.ids[fitted.active & (fitted.universe.y == label)]
-        if len(chosen) == 0:
-            raise ExpungeError(f"no current rows have label {label}")
-    if (method or getattr(getattr(fitted, "updater", None), "name", None)) == "fisher":
-        from ..unlearn.fisher import Fisher
+    chosen = load_ids(ids) if ids is not None else None
+    with _load(run, data, wait) as fitted:
+        if ratio is not None:
+            chosen = fitted.sample_ids(ratio, seed)
+        elif label is not None:
+            chosen = fitted.universe.ids[fitted.active & (fitted.universe.y == label)]
+            if len(chosen) == 0:
+                raise ExpungeError(f"no current rows have label {label}")
+        if (method or getattr(getattr(fitted, "updater", None), "name", None)) == "fisher":
+            from ..unlearn.fisher import Fisher
 
-        updater = Fisher(lam=scrub_lam, newton=newton, seed=seed)
-    else:
-        updater = _request_updater(fitted, method, T0, j0, m)
-    report = fitted.forget(chosen, method=updater, compare=compare, progress=not quiet)
+            updater = Fisher(lam=scrub_lam, newton=newton, seed=seed)
+        else:
+            updater = _request_updater(fitted, method, T0, j0, m)
+        report = fitted.forget(chosen, method=updater, compare=compare, progress=not quiet, requested_by=requested_by,
+                               reason=reason, reference=reference, drop_privacy=drop_privacy, signing_key=signing_key)
+    _print_report_notes(report, quiet)
     print_report(report, quiet)
     write_json(json_out, report.to_dict())
 
@@ -234,12 +320,25 @@ def forget(
 @friendly
 def add(
     run: Path = RUN_ARGUMENT,
-    rows: Path = typer.Option(..., help="Rows to add: .csv (label last, optional id column) or .npz with X, y (and ids)."),
+    rows: Path = typer.Option(..., help="Rows to add: a text table read as the run's training table was (its "
+                              "delimiter, columns and encoders; for other runs: label last, optional id column), or "
+                              ".npz with X, y (and ids). Rows without ids get fresh ones."),
+    delimiter: Optional[str] = DELIMITER_OPTION,
+    header: Optional[bool] = HEADER_OPTION,
+    label_column: Optional[str] = LABEL_COLUMN_OPTION,
+    id_column: Optional[str] = ID_COLUMN_OPTION,
+    comment: Optional[str] = COMMENT_OPTION,
     method: Optional[str] = METHOD_OPTION,
     T0: Optional[int] = T0_OPTION,
     j0: Optional[int] = J0_OPTION,
     m: Optional[int] = M_OPTION,
     compare: bool = COMPARE_OPTION,
+    requested_by: Optional[str] = REQUESTED_BY_OPTION,
+    reason: Optional[str] = REASON_OPTION,
+    reference: Optional[str] = REFERENCE_OPTION,
+    drop_privacy: bool = DROP_PRIVACY_OPTION,
+    signing_key: Optional[Path] = SIGNING_KEY_OPTION,
+    wait: float = WAIT_OPTION,
     data: Optional[str] = DATA_OPTION,
     json_out: Optional[str] = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -248,9 +347,14 @@ def add(
     SISA runs retrain the last slice of the shards the rows join)."""
     from ..data import load_rows
 
-    X, y, ids = load_rows(rows)
-    fitted = _load(run, data)
-    updater = _request_updater(fitted, method, T0, j0, m)
-    report = fitted.add(X, y, ids, method=updater, compare=compare, progress=not quiet)
+    options = _read_options(delimiter, header, label_column, id_column, comment)
+    with _load(run, data, wait) as fitted:
+        new = load_rows(rows, fitted.manifest["data"].get("read"), options)  # encoded as the training data was
+        _print_notes(rows.name, new.notes, quiet)
+        updater = _request_updater(fitted, method, T0, j0, m)
+        report = fitted.add(new.X, new.y, new.ids, method=updater, compare=compare, progress=not quiet,
+                            requested_by=requested_by, reason=reason, reference=reference, drop_privacy=drop_privacy,
+                            signing_key=signing_key)
+    _print_report_notes(report, quiet)
     print_report(report, quiet)
     write_json(json_out, report.to_dict())

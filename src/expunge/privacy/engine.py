@@ -17,9 +17,11 @@ as the backward pass has finished with it.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,6 +187,7 @@ class DPOptimizer(torch.optim.Optimizer):
     def __init__(self, base: torch.optim.Optimizer, engine: PrivacyEngine):
         # Share the base optimizer's groups and state rather than copying (as LR schedulers expect).
         self.base, self.engine = base, engine
+        base._expunge_private_wrapper = weakref.ref(self)  # lets wrappers (GeN) refuse the bare base optimizer
         self.defaults = base.defaults
         self.param_groups = base.param_groups
         self.state = base.state
@@ -257,6 +260,8 @@ class PrivacyEngine:
         self.optimizer = DPOptimizer(optimizer, self)
         self.loader = PoissonLoader(self, data, n, steps_per_epoch, physical_batch_size)
         self.phases: list[Phase] = []
+        self.releases: list[Phase] = []  # other accounted releases on private rows (GeN's loss probes)
+        self._public_rows: set | None = None  # hashes of the private rows' features, for check_public
         self.steps = 0  # logical steps in the current phase
         self.phase_name = ""
         self._loader_rows: int | None = None  # rows of the physical batch the loader last yielded
@@ -465,7 +470,39 @@ class PrivacyEngine:
 
     # -- accounting ------------------------------------------------------------------------------
     def history(self) -> list[Phase]:
-        return self.phases + ([self.current_phase()] if self.steps else [])
+        """Everything released on the private rows: gradient phases, then other releases (loss probes)."""
+        return self.phases + ([self.current_phase()] if self.steps else []) + self.releases
+
+    # -- releases besides the gradient steps (GeN's loss probes) ------------------------------------------
+    def record_release(self, noise_multiplier: float, sample_rate: float, name: str) -> None:
+        """Account one Poisson-sampled (rate `sample_rate`) Gaussian release on the private rows whose noise is
+        `noise_multiplier` times its L2 sensitivity; consecutive alike releases share one Phase."""
+        if not noise_multiplier > 0 or not 0 < sample_rate <= 1:
+            raise ExpungeError(f"a release needs noise_multiplier > 0 and sample_rate in (0, 1], got "
+                               f"{noise_multiplier}, {sample_rate}")
+        last = self.releases[-1] if self.releases else None
+        if last is not None and (last.noise_multiplier, last.sample_rate, last.name) == (noise_multiplier, sample_rate, name):
+            self.releases[-1] = Phase(last.noise_multiplier, last.sample_rate, last.steps + 1, name=name)
+        else:
+            self.releases.append(Phase(float(noise_multiplier), float(sample_rate), 1, name=name))
+
+    def check_public(self, batch) -> None:
+        """Refuse a batch offered as public that holds a private row (the same features, exactly): reading it
+        without noise would be an unaccounted release."""
+        if self._public_rows is None:
+            data = self.loader.data
+            tensors = data if isinstance(data, (tuple, list)) else getattr(data, "tensors", None)
+            first = tensors[0] if tensors is not None else torch.stack([torch.as_tensor(data[i][0]) for i in range(self.n)])
+            self._public_rows = set(_row_hashes(first))
+        features = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(features, torch.Tensor):
+            raise ExpungeError("public probe batches must be tensors or tuples whose first item is the feature tensor, "
+                               "so the engine can check that they hold no private row")
+        clash = [i for i, h in enumerate(_row_hashes(features)) if h in self._public_rows]
+        if clash:
+            raise ExpungeError(f"{len(clash)} row(s) of a batch offered as public are private training rows (row "
+                               f"{clash[0]} of the batch, for one): privatise the probe (PrivateLossProbe) or use data "
+                               "that is not in the private set")
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
         delta = delta if delta is not None else self.target_delta
@@ -492,8 +529,8 @@ class PrivacyEngine:
         sigma, planned = self.noise_multiplier, self.planned_steps
         if target_epsilon is not None:
             planned = steps if steps is not None else _steps_for(epochs, sample_rate)
-            sigma = calibrate_noise(sample_rate, planned, target_epsilon, self.target_delta,
-                                               self.default_accountant, closed)
+            sigma = calibrate_noise(sample_rate, planned, target_epsilon, self.target_delta, self.default_accountant,
+                                    closed + self.releases)
         elif noise_multiplier is not None:
             sigma = float(noise_multiplier)
         self.phases, self.steps, self.phase_name = closed, 0, name
@@ -521,6 +558,7 @@ class PrivacyEngine:
             "phase_name": self.phase_name,
             "noise_rng": self.noise.generator.get_state(), "rows_rng": self._rows_rng.bit_generator.state,
             "planned_steps": self.planned_steps, "transforms": [t.state_dict() for t in self.transforms],
+            "releases": [p.to_dict() for p in self.releases],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -532,6 +570,7 @@ class PrivacyEngine:
         self.sample_rate, self.noise_multiplier = state["sample_rate"], state["noise_multiplier"]
         self.loader.steps_per_epoch = _steps_per_epoch(self.sample_rate)
         self.steps, self.phases = state["steps"], [Phase(**p) for p in state["phases"]]
+        self.releases = [Phase(**p) for p in state.get("releases", [])]
         self.phase_name = state.get("phase_name", "")
         self.target_delta, self.planned_steps = state["target_delta"], state["planned_steps"]
         self.noise.generator.set_state(state["noise_rng"])
@@ -544,6 +583,7 @@ class PrivacyEngine:
 
     def detach(self) -> None:
         """Remove the hooks: the model is an ordinary module again."""
+        self.optimizer.base._expunge_private_wrapper = None
         for h in self.handlers:
             h.detach()
             h.reset()
@@ -554,11 +594,17 @@ class PrivacyEngine:
                "expected_batch_size": self.expected_batch_size, "max_grad_norm": self.max_grad_norm,
                "clipping": self.clipping if isinstance(self.clipping, str) else list(self.clipping),
                "clip_fn": self.clip_fn, "steps": self.steps + sum(p.steps for p in self.phases if p.private),
-               "phases": [p.to_dict() for p in self.history()], "delta": delta}
+               "phases": [p.to_dict() for p in self.history()], "delta": delta,
+               "releases": sum(p.steps for p in self.releases)}
         if delta is not None:
             out["epsilon_pld"] = self.epsilon(delta, "pld")
             out["epsilon_rdp"] = self.epsilon(delta, "rdp")
         return out
+
+
+def _row_hashes(features: torch.Tensor) -> list[bytes]:
+    rows = features.detach().to("cpu", torch.float64).reshape(len(features), -1).contiguous().numpy()
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
 
 
 def check_batch_size(batch_size: int, n: int) -> None:
@@ -585,11 +631,13 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
                  max_grad_norm: float = 1.0, clipping="all-layer", clip_fn: str = "abadi", gamma: float = 0.01,
                  physical_batch_size: int | None = None, loss_reduction: str = "mean", seed: int | None = None,
                  secure_rng: bool = False, accountant: str = "pld", prior_phases: list[Phase] | None = None,
-                 transforms=None) -> PrivacyEngine:
+                 transforms=None, reserve: list[Phase] | None = None) -> PrivacyEngine:
     """Make `model` train privately with `optimizer` on `data` (a tuple of tensors, a TensorDataset or a
     map-style Dataset). Give either target_epsilon + target_delta + (epochs or steps), for which the noise
     is calibrated on dp-accounting, or a fixed noise_multiplier. Everything is checked before any hook is
-    attached. Returns the engine; train with engine.loader and engine.optimizer."""
+    attached. Returns the engine; train with engine.loader and engine.optimizer. `reserve`: releases planned
+    besides the gradient steps (GeN's loss probes: `expunge.privacy.probes.probe_phase`); target_epsilon then
+    covers the steps and these together. They are accounted when they happen, not here."""
     n = data_length(data)
     check_batch_size(batch_size, n)
     physical_batch_size = physical_batch_size or batch_size
@@ -624,8 +672,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
         planned = steps if steps is not None else _steps_for(epochs, sample_rate)
         if planned < 1:
             raise ExpungeError(f"steps must be at least 1, got {planned}")
-        noise_multiplier = calibrate_noise(sample_rate, planned, target_epsilon, target_delta,
-                                                      accountant, prior)
+        noise_multiplier = calibrate_noise(sample_rate, planned, target_epsilon, target_delta, accountant,
+                                           prior + list(reserve or []))
     elif noise_multiplier is None:
         raise ExpungeError("give target_epsilon (with target_delta and epochs or steps) or a noise_multiplier")
     elif noise_multiplier < 0:

@@ -6,7 +6,12 @@ gradient (or change only where the per-sample gradients are evaluated), so the a
 
 - DOPPLER (Zhang, Bu, Hong, Razaviyayn, NeurIPS 2024): an IIR low-pass filter on the privatised gradients,
   m_t = -sum_{tau>=1} a_tau m_{t-tau} + sum_{tau>=0} b_tau g_{t-tau}, with the bias correction c_t given by the
-  same recursion on the constant 1; the optimizer receives m_t / c_t.
+  same recursion on the constant 1; the optimizer receives m_t / c_t. The default coefficients are the authors'
+  optimizer's default, `scipy.signal.cheby1(2, 10, 0.02)`: after the bias correction, gain 1 at frequency 0, a
+  +10 dB resonance at 0.0445 rad/step (a 141-step period), 7% of white noise's power passed. In a training loop
+  that resonance bounds the learning rate: on a quadratic the loop is stable only below 1/138 of SGD's rate, and
+  on top of momentum beta below a further (1 - beta) of that (`expunge bench dp-filters`). Tune DOPPLER's rate on
+  its own grid, far below DP-SGD's; use it on SGD without momentum (momentum is itself a first-order low-pass).
 - DiSK (Zhang, Bu, Balle, Hong, Razaviyayn, Mirrokni, ICLR 2025): per sample, before clipping,
   g_i = c grad f_i(x_t + gamma d_t) + (1 - c) grad f_i(x_t) with d_t = x_t - x_{t-1}, c = (1-kappa)/(kappa gamma);
   clip, sum, noise as DP-SGD; then g_t = (1-kappa) g_{t-1} + kappa g~_t. It needs `optimizer.step(closure)`,

@@ -14,8 +14,6 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from ..data import IndexedDataset
-    from ..recipe import TrainRecipe
     from ..train import Workspace
     from ..trajectory import Trajectory
 
@@ -39,6 +37,7 @@ class UpdateReport:
     guarantee: dict
     metrics: dict = field(default_factory=dict)
     version: int | None = None
+    notes: list[str] = field(default_factory=list)  # what the run repaired before this request
 
     def to_dict(self) -> dict:
         return asdict(self)

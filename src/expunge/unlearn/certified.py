@@ -25,6 +25,7 @@ of the stacked parameter vector is bounded by the root sum of squares of the col
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..artifact import write_atomic
@@ -238,11 +240,12 @@ class CertifiedRemoval:
         return asdict(self.settings)
 
     def fit(self, data: IndexedDataset, recipe=None, out=None, test=None, source=None, progress: bool = False,
-            preprocess: dict | None = None) -> "CertifiedFitted":
+            preprocess: dict | None = None, signing_key=None) -> "CertifiedFitted":
         if recipe is not None and getattr(recipe, "model", "logreg") != "logreg":
             raise ExpungeError(f"certified removal needs a linear model, not {recipe.model!r}; for a deep net, train a "
                                "certified linear head on features from a fixed extractor (expunge.unlearn.certified.extract_features)")
-        return CertifiedFitted.train(data, self.settings, out=out, test=test, source=source, preprocess=preprocess)
+        return CertifiedFitted.train(data, self.settings, out=out, test=test, source=source, preprocess=preprocess,
+                                     signing_key=signing_key)
 
 
 def check_row_norms(X: np.ndarray, what: str = "training rows") -> None:
@@ -282,6 +285,8 @@ class LinearScores(torch.nn.Module):
 class CertifiedFitted(RunModel):
     """A certified linear model bound to its run directory; removals spend the epsilon budget."""
 
+    own_retraining = True  # "retrain" retrains with fresh noise: the certificate starts over, it is kept
+
     def __init__(self, run, manifest, universe, active, test, W, b, state: dict):
         super().__init__(run, manifest, universe, active, test)
         self.settings = CertifiedConfig(**manifest["method"]["config"])
@@ -315,6 +320,13 @@ class CertifiedFitted(RunModel):
         """The certified linear model as a ``torch.nn.Module`` giving one score per class."""
         return LinearScores(self.W.clone())
 
+    def current_model_hash(self) -> str:
+        return weights_hash(self.W)
+
+    @classmethod
+    def stored_model_hash(cls, folder: Path, manifest: dict) -> str:
+        return weights_hash(load_file(folder / WEIGHTS)["W"])
+
     def objective(self, active: np.ndarray | None = None, b: torch.Tensor | None = None) -> Objective:
         return Objective(self.X, self.Y, self.active if active is None else active, self.settings.lam,
                          self.b if b is None else b)
@@ -339,13 +351,15 @@ class CertifiedFitted(RunModel):
 
     @classmethod
     def train(cls, data: IndexedDataset, settings: CertifiedConfig, out=None, test=None, source=None,
-              preprocess: dict | None = None) -> "CertifiedFitted":
+              preprocess: dict | None = None, signing_key=None) -> "CertifiedFitted":
         check_row_norms(data.X)
-        run, manifest, created = cls._new_run(data, out, test, source, {"name": "certified", "config": asdict(settings)},
-                                              preprocess)
+        run, manifest, created, signer = cls._new_run(data, out, test, source,
+                                                      {"name": "certified", "config": asdict(settings)}, preprocess,
+                                                      signing_key)
         with cls._creating(run, manifest, created, data, test, source):
             active = np.ones(len(data), bool)
             model = cls(run, manifest, data, active, test, None, None, {})
+            model._signer = signer
             start = time.perf_counter()
             model.b = model._noise(0)
             W, grad_norm, steps = newton_solve(model.objective(active), tol=settings.tol)
@@ -362,7 +376,7 @@ class CertifiedFitted(RunModel):
         return model
 
     @classmethod
-    def _open(cls, run, manifest, folder: Path, universe, active, test) -> "CertifiedFitted":
+    def _open(cls, run, manifest, folder: Path, universe, active, test, damaged=frozenset()) -> "CertifiedFitted":
         tensors = load_file(folder / WEIGHTS)
         state = json.loads((folder / STATE).read_text())
         return cls(run, manifest, universe, active, test, tensors["W"], tensors["b"], state)
@@ -370,23 +384,35 @@ class CertifiedFitted(RunModel):
     # ------------------------------------------------------------------ removal
 
     def factors(self) -> torch.Tensor:
-        """Preconditioner: Cholesky factors of a recent Hessian, cached in the run directory
-        (a cache only: a missing or damaged one is rebuilt, and any SPD factor gives a correct step)."""
+        """Preconditioner: Cholesky factors of a recent Hessian, cached in the run directory. A cache only:
+        one that is missing, fails its checksum or is not a valid factor (lower triangular, finite, positive
+        diagonal) is rebuilt here, and any valid factor gives a correct step (the residual is measured)."""
         if self._factors is None:
-            path = self.path / PRECONDITIONER
             try:
-                self._factors = load_file(path)["factors"]
-                if self._factors.shape != (self.Y.shape[1], self.X.shape[1], self.X.shape[1]):
-                    raise ValueError("shape")
-            except Exception:
+                self._factors = self._cached_factors()
+            except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
                 self._refresh_factors(self.W, self.active)
         return self._factors
+
+    def _cached_factors(self) -> torch.Tensor:
+        with safe_open(self.path / PRECONDITIONER, "pt") as f:
+            recorded = (f.metadata() or {}).get("sha256")
+            factors = f.get_tensor("factors")
+        if recorded != hashlib.sha256(factors.contiguous().numpy().tobytes()).hexdigest():
+            raise ValueError("checksum")
+        if factors.shape != (self.Y.shape[1], self.X.shape[1], self.X.shape[1]) or factors.dtype != torch.float64:
+            raise ValueError("shape")
+        diagonal = torch.diagonal(factors, dim1=1, dim2=2)
+        if not (torch.isfinite(factors).all() and (diagonal > 0).all() and not torch.triu(factors, 1).any()):
+            raise ValueError("not a Cholesky factor")
+        return factors
 
     def _refresh_factors(self, W: torch.Tensor, active: np.ndarray) -> None:
         self._factors = self.objective(active).hessian_factors(W)
         (self.path / "cache").mkdir(exist_ok=True)
         tmp = self.path / "cache" / ".preconditioner.tmp"
-        save_file({"factors": self._factors.contiguous()}, str(tmp))
+        factors = self._factors.contiguous()
+        save_file({"factors": factors}, str(tmp), metadata={"sha256": hashlib.sha256(factors.numpy().tobytes()).hexdigest()})
         write_atomic(self.path / PRECONDITIONER, tmp.read_bytes())
         tmp.unlink()
 
@@ -407,58 +433,56 @@ class CertifiedFitted(RunModel):
             raise ExpungeError(f"a certified run is updated by the certified Newton step or by retraining, not {name!r}")
         if kind == "add" or universe is not self.universe:
             name = "retrain"  # the certificate covers removals; added rows mean retraining with fresh noise
-        with self.run.lock():
-            self._check_current()
-            start = time.perf_counter()
-            metrics: dict = {}
-            state = dict(self.state)
-            b, retrained = self.b, name == "retrain"
-            if not retrained:
-                removed = np.flatnonzero(self.active & ~new_active)
-                step = newton_removal(self.objective(new_active), self.W, removed, state["x_norm"], self.factors(),
-                                      self._XW)
-                if state["spent"] + step.bound > state["budget"]:
-                    if self.settings.on_exhausted == "refuse":
-                        raise ExpungeError(
-                            f"this removal would spend {step.bound:.3g} of the {self.budget_left:.3g} budget left "
-                            f"(epsilon={self.settings.epsilon}, delta={self.settings.delta}); retrain (--method retrain) to "
-                            "reset it, or let the run retrain automatically (on_exhausted='retrain')")
-                    retrained = True
-                else:
-                    W, state["spent"] = step.W, state["spent"] + step.bound
-                    state["removals"] += 1
-                    metrics.update(removal_bound=step.bound, taylor=step.taylor, solve_residual=step.solve_residual,
-                                   cg_iterations=step.cg_iterations)
-                    if step.cg_iterations > 8:  # the preconditioner went stale: rebuild it at the new point
-                        self._refresh_factors(W, new_active)
-            X, Y = self.X, self.Y
-            if universe is not self.universe:
-                check_row_norms(universe.X[len(self.universe):], "added rows")
-                X, Y = torch.from_numpy(universe.X).double(), torch.from_numpy(targets(universe.y, self.n_classes))
-            if retrained:
-                state["noise_draw"] += 1
-                b = self._noise(state["noise_draw"])
-                W, grad_norm, _ = newton_solve(Objective(X, Y, new_active, self.settings.lam, b), tol=self.settings.tol)
-                state.update(spent=grad_norm, retrains=state["retrains"] + 1, train_grad_norm=grad_norm,
-                             x_norm=spectral_norm(X, new_active))
-            after = Objective(X, Y, new_active, self.settings.lam, b)
-            seconds = time.perf_counter() - start
-            metrics.update(rows=int(new_active.sum()), test_acc=self.accuracy(W=W),
-                           residual_norm=float(after.grad(W).norm()),
-                           worst_case_bound=worst_case_bound(self.settings.lam, int(new_active.sum()), len(ids), self.Y.shape[1]),
-                           dist_to_previous=float((W - self.W).norm()))
-            if compare and not retrained:
-                t0 = time.perf_counter()
-                W_ref, _, _ = newton_solve(after, tol=self.settings.tol)
-                metrics.update(retrain_s=time.perf_counter() - t0, dist_to_retrain=float((W - W_ref).norm()),
-                               dist_previous_to_retrain=float((self.W - W_ref).norm()), acc_retrain=self.accuracy(W=W_ref))
-                metrics["speedup"] = metrics["retrain_s"] / seconds
-            report = UpdateReport("retrain" if retrained else "certified", kind, ids.tolist(), seconds,
-                                  weights_hash(self.W), weights_hash(W), {}, metrics)
-            self._commit_state(report, W, b, state, universe, new_active, retrained,
-                               None if retrained else step.XW)
-            if retrained:
-                self._refresh_factors(W, new_active)
+        start = time.perf_counter()
+        metrics: dict = {}
+        state = dict(self.state)
+        b, retrained = self.b, name == "retrain"
+        if not retrained:
+            removed = np.flatnonzero(self.active & ~new_active)
+            step = newton_removal(self.objective(new_active), self.W, removed, state["x_norm"], self.factors(),
+                                  self._XW)
+            if state["spent"] + step.bound > state["budget"]:
+                if self.settings.on_exhausted == "refuse":
+                    raise ExpungeError(
+                        f"this removal would spend {step.bound:.3g} of the {self.budget_left:.3g} budget left "
+                        f"(epsilon={self.settings.epsilon}, delta={self.settings.delta}); retrain (--method retrain) to "
+                        "reset it, or let the run retrain automatically (on_exhausted='retrain')")
+                retrained = True
+            else:
+                W, state["spent"] = step.W, state["spent"] + step.bound
+                state["removals"] += 1
+                metrics.update(removal_bound=step.bound, taylor=step.taylor, solve_residual=step.solve_residual,
+                               cg_iterations=step.cg_iterations)
+                if step.cg_iterations > 8:  # the preconditioner went stale: rebuild it at the new point
+                    self._refresh_factors(W, new_active)
+        X, Y = self.X, self.Y
+        if universe is not self.universe:
+            check_row_norms(universe.X[len(self.universe):], "added rows")
+            X, Y = torch.from_numpy(universe.X).double(), torch.from_numpy(targets(universe.y, self.n_classes))
+        if retrained:
+            state["noise_draw"] += 1
+            b = self._noise(state["noise_draw"])
+            W, grad_norm, _ = newton_solve(Objective(X, Y, new_active, self.settings.lam, b), tol=self.settings.tol)
+            state.update(spent=grad_norm, retrains=state["retrains"] + 1, train_grad_norm=grad_norm,
+                         x_norm=spectral_norm(X, new_active))
+        after = Objective(X, Y, new_active, self.settings.lam, b)
+        seconds = time.perf_counter() - start
+        metrics.update(rows=int(new_active.sum()), test_acc=self.accuracy(W=W),
+                       residual_norm=float(after.grad(W).norm()),
+                       worst_case_bound=worst_case_bound(self.settings.lam, int(new_active.sum()), len(ids), self.Y.shape[1]),
+                       dist_to_previous=float((W - self.W).norm()))
+        if compare and not retrained:
+            t0 = time.perf_counter()
+            W_ref, _, _ = newton_solve(after, tol=self.settings.tol)
+            metrics.update(retrain_s=time.perf_counter() - t0, dist_to_retrain=float((W - W_ref).norm()),
+                           dist_previous_to_retrain=float((self.W - W_ref).norm()), acc_retrain=self.accuracy(W=W_ref))
+            metrics["speedup"] = metrics["retrain_s"] / seconds
+        report = UpdateReport("retrain" if retrained else "certified", kind, ids.tolist(), seconds,
+                              weights_hash(self.W), weights_hash(W), {}, metrics)
+        self._commit_state(report, W, b, state, universe, new_active, retrained,
+                           None if retrained else step.XW)
+        if retrained:
+            self._refresh_factors(W, new_active)
         return report
 
     def _commit_state(self, report: UpdateReport, W, b, state, universe, active, retrained: bool = False,

@@ -140,6 +140,7 @@ class DeltaGrad(FitMixin):
     """The DeltaGrad updater: trains with the trajectory cached, then updates by ``deltagrad``."""
 
     name = "deltagrad"
+    reads_trajectory = True
 
     def __init__(self, T0: int = 5, j0: int = 20, m: int = 2):
         self.settings = DeltaGradConfig(T0, j0, m)

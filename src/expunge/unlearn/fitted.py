@@ -28,8 +28,9 @@ class FitMixin:
     """``Updater.fit(data, recipe) -> Fitted``: train once, recording what this method needs."""
 
     def fit(self, data: IndexedDataset, recipe: TrainRecipe, out=None, test=None, source=None,
-            progress: bool = False) -> "Fitted":
-        return Fitted.train(data, recipe, updater=self, out=out, test=test, source=source, progress=progress)
+            progress: bool = False, signing_key=None) -> "Fitted":
+        return Fitted.train(data, recipe, updater=self, out=out, test=test, source=source, progress=progress,
+                            signing_key=signing_key)
 
 
 class Fitted(RunModel):
@@ -39,6 +40,7 @@ class Fitted(RunModel):
         super().__init__(run, manifest, universe, active, test)
         self.recipe = TrainRecipe.from_dict(manifest["recipe"])
         self.w, self.w0, self.trajectory = w, w0, trajectory
+        self.trajectory_problem: str | None = None  # why a trajectory the manifest lists could not be used
         self.flat = FlatModel(build_model(self.recipe, universe.n_features, self.n_classes))
         self.plan = BatchPlan.for_recipe(self.recipe, self.n_base)
         self.ws = self._workspace(universe)
@@ -48,6 +50,13 @@ class Fitted(RunModel):
     def model(self) -> torch.nn.Module:
         """The current model as a plain ``torch.nn.Module``."""
         return self.flat.set_flat(self.w)
+
+    def current_model_hash(self) -> str:
+        return weights_hash(self.w)
+
+    @classmethod
+    def stored_model_hash(cls, folder: Path, manifest: dict) -> str:
+        return weights_hash(load_file(folder / WEIGHTS)["w"])
 
     def accuracy(self, data: IndexedDataset | None = None, w: torch.Tensor | None = None) -> float | None:
         """Accuracy of the current model (or of weights ``w``) on ``data``, default the test split."""
@@ -66,12 +75,13 @@ class Fitted(RunModel):
     @classmethod
     def train(cls, data: IndexedDataset, recipe: TrainRecipe, updater: "str | Updater" = "deltagrad", out=None,
               test: IndexedDataset | None = None, source: str | None = None, progress: bool = False,
-              preprocess: dict | None = None) -> "Fitted":
+              preprocess: dict | None = None, signing_key=None) -> "Fitted":
         """Train on ``data`` and write a new run directory at ``out`` (a temporary one if omitted).
 
         ``source`` is the spec ``load_dataset`` reads the data back from; without it the data is
         stored in the run directory; ``preprocess`` (``data.preprocess`` arguments) is re-applied to it
-        when the run is reopened.
+        when the run is reopened. ``signing_key`` (a key file; default $EXPUNGE_SIGNING_KEY) signs the
+        run's ledger rows from the first on.
         """
         updater = make_updater(updater)
         if getattr(find(updater.name), "updates", None) == OWN_RUN:
@@ -86,19 +96,20 @@ class Fitted(RunModel):
             w = train(fitted.ws, fitted.active, fitted.w0, trajectory, progress)
             return "train", w, trajectory, {"kind": "exact", "iterations": fitted.plan.n_iterations}
 
-        return cls._train_run(data, recipe, updater, out, test, source, preprocess, fit)
+        return cls._train_run(data, recipe, updater, out, test, source, preprocess, fit, signing_key)
 
     @classmethod
     def _train_run(cls, data: IndexedDataset, recipe: TrainRecipe, updater: Updater, out, test, source, preprocess,
-                   fit) -> "Fitted":
+                   fit, signing_key=None) -> "Fitted":
         """Make the run directory, train with ``fit(fitted, stage) -> (method, w, trajectory, guarantee)``
         and commit the first version (a failed training leaves no run behind)."""
-        run, manifest, created = cls._new_run(data, out, test, source, {"name": updater.name, "config": updater.config()},
-                                              preprocess)
+        run, manifest, created, signer = cls._new_run(data, out, test, source,
+                                                      {"name": updater.name, "config": updater.config()}, preprocess,
+                                                      signing_key)
         manifest["recipe"] = recipe.to_dict()
         with cls._creating(run, manifest, created, data, test, source):
             fitted = cls(run, manifest, data, np.ones(len(data), bool), test)
-            fitted.w0 = fitted.flat.get_flat()
+            fitted.w0, fitted._signer = fitted.flat.get_flat(), signer
             with run.staging() as stage:
                 start = time.perf_counter()
                 method, w, trajectory, guarantee = fit(fitted, stage)
@@ -108,43 +119,55 @@ class Fitted(RunModel):
         return fitted
 
     @classmethod
-    def _open(cls, run, manifest, folder: Path, universe, active, test) -> "Fitted":
+    def _open(cls, run, manifest, folder: Path, universe, active, test, damaged=frozenset()) -> "Fitted":
         tensors = load_file(folder / WEIGHTS)
-        trajectory = Trajectory.open(folder / TRAJECTORY) if (folder / TRAJECTORY).exists() else None
-        return cls(run, manifest, universe, active, test, tensors["w"], tensors["w0"], trajectory)
+        trajectory, problem = None, None
+        listed = any(rel.startswith(TRAJECTORY + "/") for rel in manifest["files"])
+        broken = sorted(rel for rel in damaged if rel.startswith(TRAJECTORY + "/"))
+        if broken:
+            problem = f"{', '.join(broken)} of version {manifest['version']} does not match its hash"
+        elif listed:
+            try:
+                trajectory = Trajectory.open(folder / TRAJECTORY)
+            except ExpungeError as e:
+                problem = str(e)
+        fitted = cls(run, manifest, universe, active, test, tensors["w"], tensors["w0"], trajectory)
+        fitted.trajectory_problem = problem
+        return fitted
 
     def _update(self, kind: str, ids: np.ndarray, universe: IndexedDataset, new_active: np.ndarray,
                 method, compare: bool, progress: bool) -> UpdateReport:
         updater = self.updater if method is None else make_updater(method)
         if not hasattr(updater, "update"):  # certified, sisa: they train runs of their own
             raise ExpungeError(f"{updater.name} needs a run trained for it (expunge train --method {updater.name})")
+        if getattr(updater, "reads_trajectory", False) and self.trajectory is None and self.trajectory_problem:
+            raise ExpungeError(f"the cached trajectory is damaged ({self.trajectory_problem}); update with --method "
+                               "retrain, which rebuilds it")
         old_active = np.concatenate([self.active, np.zeros(len(universe) - len(self.active), bool)])
         ws = self._workspace(universe) if universe is not self.universe else self.ws
-        with self.run.lock():
-            self._check_current()
-            with self.run.staging() as stage:
-                trajectory = Trajectory.create(stage / TRAJECTORY, self.plan.n_iterations, self.flat.n_params,
-                                               self.flat.dtype)
+        with self.run.staging() as stage:
+            trajectory = Trajectory.create(stage / TRAJECTORY, self.plan.n_iterations, self.flat.n_params,
+                                           self.flat.dtype)
+            start = time.perf_counter()
+            w, guarantee = updater.update(ws, old_active, new_active, self.w0, self.trajectory, trajectory,
+                                          progress, w=self.w)
+            seconds = time.perf_counter() - start
+            if not getattr(updater, "writes_trajectory", True):
+                # scrubbing and fine-tuning leave no trajectory: DeltaGrad needs a retrain after them
+                shutil.rmtree(stage / TRAJECTORY)
+                trajectory = None
+            metrics = self._metrics(w, new_active)
+            metrics["dist_to_previous"] = float((w - self.w).norm())
+            if compare and not getattr(find(updater.name), "reference", False):  # else it is the reference
                 start = time.perf_counter()
-                w, guarantee = updater.update(ws, old_active, new_active, self.w0, self.trajectory, trajectory,
-                                              progress, w=self.w)
-                seconds = time.perf_counter() - start
-                if not getattr(updater, "writes_trajectory", True):
-                    # scrubbing and fine-tuning leave no trajectory: DeltaGrad needs a retrain after them
-                    shutil.rmtree(stage / TRAJECTORY)
-                    trajectory = None
-                metrics = self._metrics(w, new_active)
-                metrics["dist_to_previous"] = float((w - self.w).norm())
-                if compare and not getattr(find(updater.name), "reference", False):  # else it is the reference
-                    start = time.perf_counter()
-                    w_ref = self._reference(ws, new_active, progress)
-                    metrics.update(retrain_s=time.perf_counter() - start, dist_to_retrain=float((w - w_ref).norm()),
-                                   dist_previous_to_retrain=float((self.w - w_ref).norm()),
-                                   acc_retrain=self.accuracy(w=w_ref))
-                    metrics["speedup"] = metrics["retrain_s"] / seconds
-                report = UpdateReport(updater.name, kind, ids.tolist(), seconds, weights_hash(self.w),
-                                      weights_hash(w), guarantee, metrics)
-                self._commit_weights(stage, trajectory, report, w, universe, new_active, ws)
+                w_ref = self._reference(ws, new_active, progress)
+                metrics.update(retrain_s=time.perf_counter() - start, dist_to_retrain=float((w - w_ref).norm()),
+                               dist_previous_to_retrain=float((self.w - w_ref).norm()),
+                               acc_retrain=self.accuracy(w=w_ref))
+                metrics["speedup"] = metrics["retrain_s"] / seconds
+            report = UpdateReport(updater.name, kind, ids.tolist(), seconds, weights_hash(self.w),
+                                  weights_hash(w), guarantee, metrics)
+            self._commit_weights(stage, trajectory, report, w, universe, new_active, ws)
         return report
 
     def _reference(self, ws: Workspace, new_active: np.ndarray, progress: bool) -> torch.Tensor:
@@ -159,7 +182,8 @@ class Fitted(RunModel):
         return metrics
 
     def _commit_weights(self, stage: Path, trajectory: Trajectory | None, report: UpdateReport, w: torch.Tensor,
-                        universe: IndexedDataset, active: np.ndarray, ws: Workspace | None = None) -> None:
+                        universe: IndexedDataset, active: np.ndarray, ws: Workspace | None = None,
+                        changes: dict | None = None) -> None:
         """Write weights and trajectory into the staged version, commit it, then take them in memory."""
         if trajectory is not None:
             trajectory.flush()
@@ -168,7 +192,8 @@ class Fitted(RunModel):
         def adopt(folder: Path) -> None:
             self.w = w
             self.trajectory = Trajectory.open(folder / TRAJECTORY) if trajectory is not None else None
+            self.trajectory_problem = None
             if ws is not None:
                 self.ws = ws
 
-        self._commit(stage, report, universe, active, adopt)
+        self._commit(stage, report, universe, active, adopt, changes)

@@ -4,8 +4,10 @@
 (Poisson sampling at rate batch_size/n, per-sample clipping, Gaussian noise calibrated on dp-accounting)
 and records the privacy parameters and the spent epsilon (PLD, with the RDP cross-check) in the
 manifest. The exact update of such a run is private retraining on the remaining rows with the same
-recipe, privacy settings and seed, so `expunge forget` keeps the model private; the methods that
-start from the current weights (fisher, finetune, ascent) apply as on any run.
+recipe, privacy settings and seed, so `expunge forget` keeps the model private. Methods that start from
+the current weights (fisher, finetune, ascent, ...) are not private: a private run refuses them unless
+the caller ends the privacy guarantee explicitly (``drop_privacy``, see run.py), which the manifest and
+the ledger then record; a later private retraining makes the model private again.
 """
 
 from __future__ import annotations
@@ -112,24 +114,27 @@ class PrivateTraining:
         return torch.nn.utils.parameters_to_vector(module.parameters()).detach(), privacy
 
     def fit(self, data: IndexedDataset, recipe: TrainRecipe, out=None, test=None, source=None, progress=False,
-            preprocess=None) -> "PrivateFitted":
+            preprocess=None, signing_key=None) -> "PrivateFitted":
         return PrivateFitted.train(data, recipe, self, out=out, test=test, source=source, progress=progress,
-                                   preprocess=preprocess)
+                                   preprocess=preprocess, signing_key=signing_key)
 
 
 class PrivateFitted(Fitted):
-    """A run trained privately; `manifest["privacy"]` holds what the current model spent."""
+    """A run trained privately; `manifest["privacy"]` holds what the current model spent (and
+    `manifest["privacy_ended"]` when a non-private update ended the guarantee)."""
+
+    own_retraining = True  # "retrain" on a private run is private retraining
 
     @classmethod
     def train(cls, data: IndexedDataset, recipe: TrainRecipe, updater: PrivateTraining, out=None, test=None,
-              source=None, progress=False, preprocess=None) -> "PrivateFitted":
+              source=None, progress=False, preprocess=None, signing_key=None) -> "PrivateFitted":
         updater.check(recipe, len(data))
 
         def fit(fitted: "PrivateFitted", stage):
             w, privacy = updater.train(fitted.ws, fitted.active, fitted.w0, progress)
             return "dp", w, None, {"kind": "private", "privacy": privacy}
 
-        return cls._train_run(data, recipe, updater, out, test, source, preprocess, fit)
+        return cls._train_run(data, recipe, updater, out, test, source, preprocess, fit, signing_key)
 
     @property
     def privacy(self) -> dict:
@@ -143,8 +148,8 @@ class PrivateFitted(Fitted):
     def _reference(self, ws: Workspace, new_active: np.ndarray, progress: bool) -> torch.Tensor:
         return self.updater.train(ws, new_active, self.w0, progress)[0]
 
-    def _commit(self, stage, report, universe, active, adopt=lambda folder: None):
+    def _commit(self, stage, report, universe, active, adopt=lambda folder: None, changes=None):
         privacy = report.guarantee.get("privacy")
-        if privacy is not None:
-            self.manifest["privacy"] = privacy
-        return super()._commit(stage, report, universe, active, adopt)
+        if privacy is not None:  # a private (re)training: the model is private again, whatever came before
+            changes = dict(changes or {}, privacy=privacy, privacy_ended=None)
+        return super()._commit(stage, report, universe, active, adopt, changes)

@@ -17,6 +17,12 @@ from ..errors import ExpungeError
 GRADIENT_RUN = "gradient"  # any run trained by gradient descent on the zoo models (Fitted and its subclasses)
 OWN_RUN = "own"            # only a run trained with this very method (it keeps state of its own)
 
+# guarantees a run can promise for its whole life, and that an update keeps or ends
+PRIVATE = "private"      # the model is (epsilon, delta)-differentially private
+CERTIFIED = "certified"  # removals are (epsilon, delta)-certified
+EXACT = "exact"          # the model equals training from scratch on the current rows
+GUARANTEES = (PRIVATE, CERTIFIED, EXACT)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -26,10 +32,17 @@ class Method:
     updates: str   # GRADIENT_RUN or OWN_RUN
     summary: str   # one line for --help
     reference: bool = False  # its result is the exact reference itself (no extra retraining to compare)
+    holds: tuple[str, ...] = ()  # what a run trained with this method promises (kept until an update ends it)
+    keeps: tuple[str, ...] = ()  # which of those promises an update by this method keeps
 
     def __post_init__(self):
         if self.updates not in (GRADIENT_RUN, OWN_RUN):
             raise ValueError(f"method {self.name}: updates must be {GRADIENT_RUN!r} or {OWN_RUN!r}")
+        unknown = (set(self.holds) | set(self.keeps)) - set(GUARANTEES)
+        if unknown:
+            raise ValueError(f"method {self.name}: unknown guarantees {sorted(unknown)}")
+        if not set(self.holds) <= set(self.keeps):
+            raise ValueError(f"method {self.name}: an update by a run's own method keeps what the run holds")
 
 
 _METHODS: dict[str, Method] = {}

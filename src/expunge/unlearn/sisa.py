@@ -196,8 +196,9 @@ class SISA:
         return asdict(self.settings)
 
     def fit(self, data: IndexedDataset, recipe: TrainRecipe, out=None, test=None, source=None,
-            progress: bool = False, preprocess: dict | None = None) -> "SISAFitted":
-        return SISAFitted.train(data, recipe, self.settings, out=out, test=test, source=source, preprocess=preprocess)
+            progress: bool = False, preprocess: dict | None = None, signing_key=None) -> "SISAFitted":
+        return SISAFitted.train(data, recipe, self.settings, out=out, test=test, source=source, preprocess=preprocess,
+                                signing_key=signing_key)
 
 
 class SISAFitted(RunModel):
@@ -227,6 +228,18 @@ class SISAFitted(RunModel):
     def model(self) -> torch.nn.Module:
         return self.ensemble()
 
+    def current_model_hash(self) -> str:
+        return _hash(self.checkpoints)
+
+    @classmethod
+    def stored_model_hash(cls, folder: Path, manifest: dict) -> str:
+        return _hash(cls._checkpoints(folder, SISAConfig(**manifest["method"]["config"])))
+
+    @staticmethod
+    def _checkpoints(folder: Path, settings: SISAConfig) -> dict:
+        return {(s, r): load_file(folder / FOLDER / _checkpoint_name(s, r))["w"].numpy()
+                for s in range(settings.shards) for r in range(settings.slices)}
+
     def accuracy(self, data: IndexedDataset | None = None, ensemble: torch.nn.Module | None = None) -> float | None:
         data = self.test if data is None else data
         if data is None or len(data) == 0:
@@ -252,16 +265,18 @@ class SISAFitted(RunModel):
 
     @classmethod
     def train(cls, data: IndexedDataset, recipe: TrainRecipe, settings: SISAConfig, out=None, test=None,
-              source=None, preprocess: dict | None = None) -> "SISAFitted":
+              source=None, preprocess: dict | None = None, signing_key=None) -> "SISAFitted":
         if settings.shards > len(data):
             raise ExpungeError(f"{settings.shards} shards for {len(data)} rows: use at most one shard per row")
-        run, manifest, created = cls._new_run(data, out, test, source, {"name": "sisa", "config": asdict(settings)},
-                                              preprocess)
+        run, manifest, created, signer = cls._new_run(data, out, test, source,
+                                                      {"name": "sisa", "config": asdict(settings)}, preprocess,
+                                                      signing_key)
         manifest["recipe"] = recipe.to_dict()
         with cls._creating(run, manifest, created, data, test, source):
             shard, slice_ = assign(len(data), settings, recipe.seed)
             active = np.ones(len(data), bool)
             model = cls(run, manifest, data, active, test, shard, slice_, {})
+            model._signer = signer
             jobs = [model._job(s, 0, data, active, shard, slice_) for s in range(settings.shards)]
             start = time.perf_counter()
             results = run_jobs(jobs, settings)
@@ -275,12 +290,10 @@ class SISAFitted(RunModel):
         return model
 
     @classmethod
-    def _open(cls, run, manifest, folder: Path, universe, active, test) -> "SISAFitted":
-        settings = SISAConfig(**manifest["method"]["config"])
+    def _open(cls, run, manifest, folder: Path, universe, active, test, damaged=frozenset()) -> "SISAFitted":
         with np.load(folder / ASSIGNMENT) as z:
             shard, slice_ = z["shard"], z["slice"]
-        checkpoints = {(s, r): load_file(folder / FOLDER / _checkpoint_name(s, r))["w"].numpy()
-                       for s in range(settings.shards) for r in range(settings.slices)}
+        checkpoints = cls._checkpoints(folder, SISAConfig(**manifest["method"]["config"]))
         return cls(run, manifest, universe, active, test, shard, slice_, checkpoints)
 
     # ------------------------------------------------------------------ requests
@@ -299,33 +312,31 @@ class SISAFitted(RunModel):
         for row in changed:
             earliest[shard[row]] = min(earliest.get(shard[row], self.settings.slices), slice_[row])
         jobs = [self._job(int(s), int(r), universe, new_active, shard, slice_) for s, r in sorted(earliest.items())]
-        with self.run.lock():
-            self._check_current()
-            start = time.perf_counter()
-            results = run_jobs(jobs, self.settings)
-            seconds = time.perf_counter() - start
-            checkpoints = dict(self.checkpoints)
-            fresh = set()
-            for job, ws in zip(jobs, results):
-                for stage, w in zip(range(job.start_stage, job.slices), ws):
-                    checkpoints[(job.shard, stage)] = w
-                    fresh.add((job.shard, stage))
-            all_jobs = [self._job(s, 0, universe, new_active, shard, slice_) for s in range(self.settings.shards)]
-            metrics = {"rows": int(new_active.sum()), "shards_retrained": len(jobs),
-                       "stages_retrained": len(fresh), "rows_processed": self.rows_processed(jobs),
-                       "rows_full_retrain": self.rows_processed(all_jobs)}
-            if compare:  # retrain the whole ensemble from scratch: the reference, and the time it takes
-                t0 = time.perf_counter()
-                reference = run_jobs(all_jobs, self.settings)
-                metrics["retrain_s"] = time.perf_counter() - t0
-                metrics["speedup"] = metrics["retrain_s"] / max(seconds, 1e-9)
-                metrics["identical_to_retrain"] = all(
-                    np.array_equal(checkpoints[(job.shard, stage)], w)
-                    for job, ws in zip(all_jobs, reference) for stage, w in enumerate(ws))
-            metrics["test_acc"] = self.accuracy(ensemble=self.ensemble(checkpoints, new_active, shard))
-            report = UpdateReport("sisa", kind, ids.tolist(), seconds, _hash(self.checkpoints), _hash(checkpoints),
-                                  {"kind": "exact"}, metrics)
-            self._commit_state(report, checkpoints, fresh, universe, new_active, shard, slice_)
+        start = time.perf_counter()
+        results = run_jobs(jobs, self.settings)
+        seconds = time.perf_counter() - start
+        checkpoints = dict(self.checkpoints)
+        fresh = set()
+        for job, ws in zip(jobs, results):
+            for stage, w in zip(range(job.start_stage, job.slices), ws):
+                checkpoints[(job.shard, stage)] = w
+                fresh.add((job.shard, stage))
+        all_jobs = [self._job(s, 0, universe, new_active, shard, slice_) for s in range(self.settings.shards)]
+        metrics = {"rows": int(new_active.sum()), "shards_retrained": len(jobs),
+                   "stages_retrained": len(fresh), "rows_processed": self.rows_processed(jobs),
+                   "rows_full_retrain": self.rows_processed(all_jobs)}
+        if compare:  # retrain the whole ensemble from scratch: the reference, and the time it takes
+            t0 = time.perf_counter()
+            reference = run_jobs(all_jobs, self.settings)
+            metrics["retrain_s"] = time.perf_counter() - t0
+            metrics["speedup"] = metrics["retrain_s"] / max(seconds, 1e-9)
+            metrics["identical_to_retrain"] = all(
+                np.array_equal(checkpoints[(job.shard, stage)], w)
+                for job, ws in zip(all_jobs, reference) for stage, w in enumerate(ws))
+        metrics["test_acc"] = self.accuracy(ensemble=self.ensemble(checkpoints, new_active, shard))
+        report = UpdateReport("sisa", kind, ids.tolist(), seconds, _hash(self.checkpoints), _hash(checkpoints),
+                              {"kind": "exact"}, metrics)
+        self._commit_state(report, checkpoints, fresh, universe, new_active, shard, slice_)
         return report
 
     def _commit_state(self, report, checkpoints, fresh, universe, active, shard, slice_) -> None:
