@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
 def test_parameter_distance_is_the_l2_norm_of_the_weight_difference(trained):
     other = copy.deepcopy(trained.model)
     assert parameter_distance(trained.model, other) == 0.0
-    name, weight = next((n, p) for n, p in other.named_parameters() if n.endswith("q_proj.weight"))
+    _name, weight = next((n, p) for n, p in other.named_parameters() if n.endswith("q_proj.weight"))
     with torch.no_grad():
         weight.add_(0.5)
     assert parameter_distance(trained.model, other) == pytest.approx(0.5 * math.sqrt(weight.numel()))

@@ -59,7 +59,7 @@ def load_corpus_of(texts):
 
 
 def test_knowmem_answers_after_in_context_examples_and_stops_at_the_next_question(memorised, monkeypatch):
-    import expunge.lm.muse as muse
+    from expunge.lm import muse
 
     seen = {}
 

@@ -37,7 +37,7 @@ def test_a_staged_step_moves_along_the_optimizers_update_by_the_chosen_rate(kind
     make = {"sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.5),
             "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.1)}[kind]
     # the reference: the optimizer's own step at three times the rate (both optimizers are linear in it)
-    ref, ref_params, _ = model_and_grads()
+    _ref, ref_params, _ = model_and_grads()
     make(ref_params, 0.03).step()
     model, params, loss = model_and_grads()
     opt = make(params, 0.01)
@@ -55,7 +55,7 @@ def test_a_staged_step_moves_along_the_optimizers_update_by_the_chosen_rate(kind
 
 
 def test_a_fixed_rate_is_the_optimizers_own_step():
-    ref, ref_params, _ = model_and_grads()
+    _ref, ref_params, _ = model_and_grads()
     torch.optim.SGD(ref_params, lr=0.05).step()
     model, params, loss = model_and_grads()
     assert staged_step(model, torch.optim.SGD(params, lr=0.05), params, fixed_rate, loss) == 0.05

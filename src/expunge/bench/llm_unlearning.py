@@ -199,7 +199,7 @@ def _tofu_case(data_dir: Path, settings: Settings, shared, console, progress: bo
     reference, retrain_seconds = _finetune(base, data, recipe, active=~is_forget)
     _say(console, f"fine-tuned the target in {target_seconds:.0f} s, the reference (retrain) in {retrain_seconds:.0f} s")
 
-    trained_questions = set(corpus.prompts[r] for r in np.flatnonzero(~is_forget))
+    trained_questions = {corpus.prompts[r] for r in np.flatnonzero(~is_forget)}
     retain_all = load_tofu_split(tofu / "retain_perturbed.json", "retain")
     retain_rows_eval = [i for i, q in enumerate(retain_all.questions) if q in trained_questions][:settings.retain_eval]
     splits = load_tofu_splits(tofu, settings.forget_split, settings.world_knowledge, retain_rows_eval)

@@ -108,7 +108,7 @@ class TokenDataset:
             raise ExpungeError(f"{len(missing)} id(s) are not in {self.name}, e.g. {missing[:5]}")
         return np.array([position[int(i)] for i in ids], dtype=np.int64)
 
-    def take(self, rows) -> "TokenDataset":
+    def take(self, rows) -> TokenDataset:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         return TokenDataset(tuple(self.input_ids[r] for r in rows), tuple(self.labels[r] for r in rows),
                             self.ids[rows], tuple(self.groups[r] for r in rows), self.pad_id, self.qa_format, self.name)

@@ -53,7 +53,7 @@ class MuseData:
     privleak_forget: tuple[str, ...] = ()
     privleak_holdout: tuple[str, ...] = ()
 
-    def take(self, **counts) -> "MuseData":
+    def take(self, **counts) -> MuseData:
         """The first ``n`` items of each named part, e.g. ``take(verbmem=20, knowmem_forget=30)``."""
         unknown = sorted(set(counts) - set(self.__dataclass_fields__))
         if unknown:

@@ -76,7 +76,7 @@ class TofuSplit:
     def is_forget(self) -> bool:
         return self.name.startswith("forget")
 
-    def take(self, rows) -> "TofuSplit":
+    def take(self, rows) -> TofuSplit:
         rows = [int(r) for r in rows]
         pick = lambda xs: tuple(xs[r] for r in rows)  # noqa: E731
         return TofuSplit(self.name, pick(self.questions), pick(self.answers),
