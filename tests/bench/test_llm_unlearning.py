@@ -30,7 +30,7 @@ def test_registered_with_a_table_and_a_plot(tmp_path):
 def test_limit_asks_for_the_quick_mode_until_the_cli_has_a_flag(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_run(data, quick, progress, console):
+    def fake_run(data, quick, progress, console, partial=None):
         seen["quick"] = quick
         return rows()
 

@@ -16,38 +16,50 @@ Threads. One intra-op thread unless ``EXPUNGE_BENCH_THREADS`` says otherwise: on
 other jobs, two OpenMP threads stall on each other's load (a greedy decoding step of SmolLM2 took 8x longer with
 two threads than with one at load 9); on an idle machine ``EXPUNGE_BENCH_THREADS=2`` is faster.
 
+Size. The run is cut to finish in about 80 minutes on this 2-core machine while another long job holds both
+cores (one intra-op thread here gets a quarter to half of a core): one retained author instead of more, one
+epoch of updates, 10 retain and 10 + 10 real-author / world-fact questions in the evaluation, 32-token answers,
+a 4-document MUSE case. What the cuts cost is said where each figure is defined below; the forget split is
+never cut (its 40 truth ratios make the KS test).
+
 TOFU case. Target = the model fine-tuned (train_lm: AdamW, 4 epochs, lr 5e-4, batches of 8, seed 0) on TOFU's
-forget01 authors (198 and 199, 40 QA pairs) plus the first 2 retained authors (0 and 1, 40 pairs, whose
+forget01 authors (198 and 199, 40 QA pairs) plus the first retained author (author 0, 20 pairs, whose
 questions retain_perturbed.json holds). Reference = exact retraining: train_lm from the same initial adapters on
 the same plan with the forget rows inactive (what ``expunge forget --method retrain`` does). Each method (ascent,
-graddiff, npo, simnpo, ngdiff) starts from a copy of the target and runs 2 epochs over the 40 forget rows,
-batches of 4 forget + 4 retain rows (20 steps), AdamW on the adapters, at 1e-4 and 5e-4; NGDiff fits its rate
-on the retain loss from there (unlearning.py). Evaluation (tofu.py) of every model: forget01 (40 questions), 20
-retain_perturbed questions of the trained authors, the first 50 real-author and 50 world-fact questions; greedy
-answers of at most 48 tokens (16 on real authors and world facts); forget quality against the retrained model's
-truth ratios. Rows: ``method`` (target, retrain, then each method), ``lr``, ``forget_quality``,
-``model_utility``, ``forget_truth_ratio``, ``seconds`` (the fine-tune for target and retrain, the update for a
-method), ``retrain_seconds``, ``speedup`` (retrain_seconds / seconds), and the figures under them
-(probabilities, ROUGE, truth ratios per split, ``param_dist_to_retrain``, ``eval_seconds``, steps, rates).
-Relearn steps cost ~2 minutes a model here and are left to the quick mode (``relearn_steps``).
+graddiff, npo, simnpo, ngdiff) starts from a copy of the target and runs 1 epoch over the 40 forget rows,
+batches of 4 forget + 4 retain rows (10 steps), AdamW on the adapters, at 2e-4 and 1e-3 (the same rate x steps
+as 20 steps at 1e-4 / 5e-4); NGDiff fits its rate on the retain loss from there (unlearning.py). Evaluation
+(tofu.py) of every model: forget01 (all 40 questions), 10 retain_perturbed questions of the trained author, the
+first 10 real-author and 10 world-fact questions (so the utility's world part is coarse: a tenth of a split is
+one question); greedy answers of at most 32 tokens (12 on real authors and world facts: ROUGE-L recall of a
+longer TOFU answer is capped by the cut, the same for every model); forget quality against the retrained
+model's truth ratios. Speed-up: with one retained author the retraining being compared against is small (20
+rows x 4 epochs), so retain-set-sized costs dominate neither side; at TOFU's scale (3,960 retained rows)
+retraining grows ~200x while an update does not (it sees the forget rows and as many retain rows). Rows:
+``method`` (target, retrain, then each method), ``lr``, ``forget_quality``, ``model_utility``,
+``forget_truth_ratio``, ``seconds`` (the fine-tune for target and retrain, the update for a method),
+``retrain_seconds``, ``speedup`` (retrain_seconds / seconds), and the figures under them (probabilities, ROUGE,
+truth ratios per split, ``param_dist_to_retrain``, ``eval_seconds``, steps, rates). Relearn steps cost ~2
+minutes a model here and are left to the quick mode (``relearn_steps``).
 
 MUSE-News case, as far as the shared copy allows (muse.py: it lacks raw/retain1, raw/retain2, raw/holdout and
 scal/, so MUSE's own target, fine-tuned on the whole news corpus, cannot be rebuilt; ~700k tokens would take
-hours on CPU anyway). Target = the same base fine-tuned (LoRA, 5 epochs, lr 5e-4) on 8 privleak/forget and 8
-privleak/retain2 articles, each cut to its first 96 tokens; reference = retrained without the 8 forget texts.
-VerbMem: the first 48 tokens of each forget text as the prompt, its next 48 as the truth, 48 greedy tokens,
-ROUGE-L F1. PrivLeak: Min-K% (K = 40%) AUC of the 8 forget texts against the first 96 tokens of 8
-privleak/holdout texts, relative to the retrained model. KnowMem is left out: its questions are about whole
-articles the target never saw (it saw 96 tokens of 8), so every model would score the base model's own news
-knowledge. One rate per method (2e-4). Rows: ``benchmark`` = muse-news, ``method``, ``lr``, ``verbmem_forget``,
+hours on CPU anyway). It runs last, after TOFU. Target = the same base fine-tuned (LoRA, 5 epochs, lr 5e-4)
+on 4 privleak/forget and 4 privleak/retain2 articles, each cut to its first 64 tokens; reference = retrained
+without the 4 forget texts. VerbMem: the first 32 tokens of each forget text as the prompt, its next
+32 as the truth, 32 greedy tokens, ROUGE-L F1. PrivLeak: Min-K% (K = 40%) AUC of the 4 forget texts against the
+first 64 tokens of 4 privleak/holdout texts, relative to the retrained model (with 4 + 4 texts the AUC moves in
+steps of 1/16). KnowMem is left out: its questions are about whole articles the target never saw (it saw 64
+tokens of 4), so every model would score the base model's own news knowledge. One rate per method (1e-3), 2
+epochs of batches of 2 + 2 (4 steps). Rows: ``benchmark`` = muse-news, ``method``, ``lr``, ``verbmem_forget``,
 ``privleak_auc``, ``privleak``, ``seconds``, ``retrain_seconds``, ``param_dist_to_retrain``.
 
 Plan (SmolLM2 measured on this machine at ~50 / ~90 tokens per second training full / LoRA and ~440 forward
-with both cores idle; one thread is taken as ~0.6 of that): fine-tuning the target 80 rows x 54 tokens x 4
-epochs = 17k tokens and the reference 8.6k (~8 min); 10 updates of 20 steps x 8 rows x 54 tokens = 8.6k tokens
-each (~26 min); 12 TOFU evaluations of ~30k forward tokens and ~140 greedy answers each (~2.5 min each: ~30
-min); the MUSE case ~10 min; loading ~1.5 min. About 75 minutes in all on an idle machine; the run prints its
-own estimate first. Published anchors (Llama-3.2-1B, forget10, open-unlearning's untuned settings):
+with both cores idle; one thread is taken as ~0.6 of that; with the other long job running, one thread got
+~35% of a core, 33 LoRA training tokens a second): fine-tuning the target 60 rows x 54 tokens x 4 epochs = 13k
+tokens and the reference 4.3k; 10 updates of 10 steps x 8 rows x 54 tokens = 4.3k tokens each; 12 TOFU
+evaluations of ~22k forward tokens and ~70 greedy answers each; the MUSE case; loading. The run prints its own
+estimate (at one idle thread's speed) first. Published anchors (Llama-3.2-1B, forget10, open-unlearning's untuned settings):
 GradAscent FQ ~1e-239 / MU 0, GradDiff 1e-239 / 0.49, NPO 0.02 / 0.46, retrained 1.0 / 0.59; none exist at the
 135M scale.
 """
@@ -69,6 +81,9 @@ from . import report
 from ..errors import ExpungeError
 
 METHOD_ORDER = ("ascent", "graddiff", "npo", "simnpo", "ngdiff")
+# the order the methods run in: NGDiff first, so that a run cut short (its rows are kept as they come, see run)
+# still has the method the benchmark is about
+RUN_ORDER = ("ngdiff", "npo", "simnpo", "graddiff", "ascent")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TINY_BENCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=2)
@@ -170,7 +185,7 @@ def _recipe(options: dict):
 # --------------------------------------------------------------------------------------------- TOFU
 
 
-def _tofu_case(data_dir: Path, settings: Settings, shared, console, progress: bool) -> list[dict]:
+def _tofu_case(data_dir: Path, settings: Settings, shared, console, progress: bool, keep) -> list[dict]:
     from ..lm import encode, load_corpus
     from ..lm.evaluation import evaluate_lm
     from ..lm.metrics import forget_quality
@@ -225,16 +240,16 @@ def _tofu_case(data_dir: Path, settings: Settings, shared, console, progress: bo
     rows = [_tofu_row("target", None, target_eval.figures, target_seconds, retrain_seconds, None),
             _tofu_row("retrain", None, ref_eval.figures, retrain_seconds, retrain_seconds, None)]
     for row in rows:
-        _say(console, _line(row))
+        keep(row)
     del base
-    for method in METHOD_ORDER:
+    for method in RUN_ORDER:
         for lr in settings.lrs[method]:
             model = copy.deepcopy(target)
             result = make_unlearner(method, lr=lr, **settings.unlearn).update(model, forget_data, retain_data,
                                                                               progress=progress)
             rows.append(_tofu_row(method, lr, evaluate(model, ref_eval).figures, result.seconds, retrain_seconds,
                                   result))
-            _say(console, _line(rows[-1]))
+            keep(rows[-1])
             del model
     return rows
 
@@ -254,7 +269,7 @@ def _tofu_row(method, lr, figures, seconds, retrain_seconds, result) -> dict:
 # --------------------------------------------------------------------------------------------- MUSE-News
 
 
-def _muse_case(data_dir: Path, settings: Settings, shared, console, progress: bool) -> list[dict]:
+def _muse_case(data_dir: Path, settings: Settings, shared, console, progress: bool, keep) -> list[dict]:
     import json
 
     from ..lm import encode
@@ -291,16 +306,16 @@ def _muse_case(data_dir: Path, settings: Settings, shared, console, progress: bo
     rows.insert(0, _muse_row("target", None, out.figures, target_seconds, retrain_seconds,
                              parameter_distance(target, reference)))
     for row in rows:
-        _say(console, _line(row))
+        keep(row)
     forget_data, retain_data = data.take(np.flatnonzero(is_forget)), data.take(np.flatnonzero(~is_forget))
-    for method in METHOD_ORDER:
+    for method in RUN_ORDER:
         model = copy.deepcopy(target)
         result = make_unlearner(method, lr=m["lr"], **m["unlearn"]).update(model, forget_data, retain_data,
                                                                            progress=progress)
         out = evaluate_muse(model, tokenizer, muse, reference=ref, **options)
         rows.append(_muse_row(method, m["lr"], out.figures, result.seconds, retrain_seconds,
                               parameter_distance(model, reference)))
-        _say(console, _line(rows[-1]))
+        keep(rows[-1])
         del model
     return rows
 
@@ -358,7 +373,12 @@ def _estimate(console, settings: Settings, data, is_forget) -> None:
                   "for TOFU before generation, at one thread's idle speed")
 
 
-def run(data_dir, quick: bool = False, progress: bool = True, console=None, muse: bool = True) -> list[dict]:
+def run(data_dir, quick: bool = False, progress: bool = True, console=None, muse: bool = True,
+        partial=None) -> list[dict]:
+    """Every row of the benchmark. ``partial``: a JSON file rewritten with the rows so far as each one comes, so a
+    run stopped early keeps what it measured (the TOFU case runs first, NGDiff first in it, MUSE-News last)."""
+    import json
+
     import torch
 
     data_dir = Path(data_dir)
@@ -368,23 +388,27 @@ def run(data_dir, quick: bool = False, progress: bool = True, console=None, muse
     settings = QUICK if quick else FULL
     threads = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("EXPUNGE_BENCH_THREADS", "1")))
-    start = time.perf_counter()
+    start, kept = time.perf_counter(), []
+
+    def keep(row: dict) -> None:
+        row["model"] = "tiny-llama (quick)" if quick else "SmolLM2-135M-Instruct"
+        row["threads"] = int(os.environ.get("EXPUNGE_BENCH_THREADS", "1"))
+        kept.append(row)
+        _say(console, f"[{(time.perf_counter() - start) / 60:.1f} min] " + _line(row))
+        if partial is not None:
+            Path(partial).parent.mkdir(parents=True, exist_ok=True)
+            Path(partial).write_text(json.dumps(kept, indent=1, default=float))
+
     try:
         shared = load_smollm2() if settings.model == "smollm2" else None
-        # the small MUSE case first: it runs every shared step (fine-tuning, updates, generation) in minutes, so a
-        # failure there shows before the long TOFU case rather than after it
-        muse_rows = []
+        rows = _tofu_case(data_dir, settings, shared, console, progress, keep)
         if muse and settings.muse is not None and (data_dir / "muse_news" / "privleak" / "forget.json").exists():
-            muse_rows = _muse_case(data_dir, settings, shared, console, progress)
+            rows += _muse_case(data_dir, settings, shared, console, progress, keep)
         elif muse:
             _say(console, f"{data_dir / 'muse_news'} not found: the MUSE-News case is skipped")
-        rows = _tofu_case(data_dir, settings, shared, console, progress) + muse_rows
     finally:
         torch.set_num_threads(threads)
     _say(console, f"benchmark done in {(time.perf_counter() - start) / 60:.1f} min")
-    for row in rows:
-        row["model"] = "tiny-llama (quick)" if quick else "SmolLM2-135M-Instruct"
-        row["threads"] = int(os.environ.get("EXPUNGE_BENCH_THREADS", "1"))
     return rows
 
 
@@ -444,8 +468,12 @@ def main(data_dir, json_out, repeats: int = 1, limit: int | None = None, progres
     """The bench entry point. ``quick`` runs the tiny model; until the CLI has a ``--quick`` flag, ``--limit``
     (any value) asks for it too. ``repeats`` does not apply: every figure is deterministic."""
     quick = quick if quick is not None else limit is not None
-    rows = run(data_dir, quick=quick, progress=progress, console=console)
-    return report(rows, json_out, table, plot, console)
+    partial = Path(json_out).with_suffix(".partial.json") if json_out else None
+    rows = run(data_dir, quick=quick, progress=progress, console=console, partial=partial)
+    out = report(rows, json_out, table, plot, console)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
+    return out
 
 
 if __name__ == "__main__":
