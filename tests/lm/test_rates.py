@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from expunge.errors import ExpungeError
-from expunge.lm.rates import QuadraticFitRate, fixed_rate, rate_rule
+from expunge.lm.rates import GeNRate, QuadraticFitRate, fixed_rate, rate_rule
 from expunge.lm.unlearning import staged_step
 
 
@@ -21,6 +21,19 @@ def test_the_quadratic_fit_finds_the_minimum_of_a_parabola_within_its_bound():
         rate_rule("gen?")
     with pytest.raises(ExpungeError, match="max_factor"):
         QuadraticFitRate(0.5)
+
+
+def test_the_gen_rule_moves_a_tenth_of_the_way_to_the_clipped_newton_rate():
+    parabola = lambda eta: 3.0 * (eta - 0.3) ** 2 + 1.0  # noqa: E731
+    # eta* = 0.3 from 0.1: clipped to 0.2, then 0.9 * 0.1 + 0.1 * 0.2
+    assert GeNRate()(None, parabola, 0.1) == pytest.approx(0.11)
+    assert GeNRate(smoothing=0.5, clip=4)(None, parabola, 0.1) == pytest.approx(0.5 * 0.1 + 0.5 * 0.3)
+    assert GeNRate()(None, lambda eta: (eta + 1) ** 2, 0.1) == 0.1  # uphill: not a descent direction, kept
+    assert GeNRate()(None, lambda eta: -(eta ** 2) - eta, 0.1) == 0.1  # concave: kept
+    assert GeNRate()(None, lambda eta: 1.0, 0.1) == 0.1  # flat within rounding: kept
+    assert isinstance(rate_rule("gen"), GeNRate)
+    with pytest.raises(ExpungeError, match="smoothing"):
+        GeNRate(smoothing=1.0)
 
 
 def model_and_grads(seed=0):

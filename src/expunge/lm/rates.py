@@ -15,8 +15,13 @@ loss at theta_0 + eta * u (no gradients; the model is restored afterwards). The 
   gradient descent with generalized Newton's method"): with L0 = loss_along(0), L+ = loss_along(lr),
   L- = loss_along(-lr), the parabola through them has its minimum at ``lr * (L- - L+) / (2 (L+ - 2 L0 + L-))``.
   When the curvature is not positive (or not finite) the fit has no minimum and the rate is kept; the
-  factor by which one step may change the rate is bounded by ``max_factor`` (the fit extrapolates). Kept
-  minimal on purpose: ``expunge.optim.GeN`` is the project's own implementation and replaces it.
+  factor by which one step may change the rate is bounded by ``max_factor`` (the fit extrapolates). No
+  smoothing: on SmolLM2 (benchmarks/results/llm-unlearning.json) it doubled NGDiff's rate step after step, from
+  1e-3 to 1e-2 in 10 steps, and the model lost its answers; prefer ``gen``.
+- ``GeNRate`` (``gen``): GeN's own decision (expunge.optim.gen.fit_rate: a descent direction, curvature above
+  the loss's floating-point resolution) and its smoothed update of the rate, eta <- s eta + (1 - s)
+  clip(eta*, eta/c, c eta) with s = 0.9 and c = 2 as in the paper (at most x1.1 a step); an estimate that is
+  not accepted keeps the rate.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import ExpungeError
@@ -62,7 +68,37 @@ class QuadraticFitRate:
         return f"QuadraticFitRate(max_factor={self.max_factor})"
 
 
-RATE_RULES: dict[str, Callable[[], RateRule]] = {"fixed": lambda: fixed_rate, "quadratic": QuadraticFitRate}
+class GeNRate:
+    """GeN's rate along the step (see the module docstring): fit_rate on the loss at -lr, 0, +lr, then the smoothed,
+    clipped move towards the accepted estimate."""
+
+    evaluates_loss = True
+
+    def __init__(self, smoothing: float = 0.9, clip: float = 2.0):
+        if not 0 <= smoothing < 1:
+            raise ExpungeError(f"smoothing must be in [0, 1), got {smoothing}")
+        if not (math.isfinite(clip) and clip > 1):
+            raise ExpungeError(f"clip must be a finite number > 1, got {clip}")
+        self.smoothing, self.clip = float(smoothing), float(clip)
+
+    def __call__(self, update, loss_along, lr: float) -> float:
+        from ..optim.gen import ROUNDING, fit_rate
+
+        losses = np.array([loss_along(-lr), loss_along(0.0), loss_along(lr)])
+        finite = np.abs(losses[np.isfinite(losses)])
+        noise = ROUNDING * np.finfo(np.float32).eps * (float(finite.max()) if finite.size else 1.0)
+        fit = fit_rate([-1.0, 0.0, 1.0], losses, noise, clip=self.clip)
+        if not fit.accepted:
+            return lr
+        proposal = lr * min(max(fit.ratio, 1 / self.clip), self.clip)
+        return self.smoothing * lr + (1 - self.smoothing) * proposal
+
+    def __repr__(self) -> str:
+        return f"GeNRate(smoothing={self.smoothing}, clip={self.clip})"
+
+
+RATE_RULES: dict[str, Callable[[], RateRule]] = {"fixed": lambda: fixed_rate, "quadratic": QuadraticFitRate,
+                                                 "gen": GeNRate}
 
 
 def rate_rule(spec: str | RateRule) -> RateRule:
