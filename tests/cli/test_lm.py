@@ -112,6 +112,9 @@ def test_bad_lm_requests_exit_cleanly_and_change_nothing(tmp_path):
         (("forget", run, "--group", "author-1", "--method", "dp"), ["lm-dp updates only runs trained with it"]),
         (("forget", run, "--ids", write_ids(tmp_path / "bad.txt", [99])), ["not in"]),
         (("forget", run, "--group", "author-1", "--drop-privacy"), ["this run is not private"]),
+        (("forget", run, "--group", "author-1", "--lr", "0.1"), ["--lr, --epochs and --steps", "ngdiff"]),
+        (("forget", run, "--group", "author-1", "--method", "retrain", "--steps", "2"), ["--lr, --epochs and --steps"]),
+        (("forget", run, "--group", "author-1", "--method", "ngdiff", "--lr", "-1"), ["learning rate must be a positive"]),
         (("add", run, "--rows", data), ["takes no added rows"]),
         (("evaluate", run), ["scores classifiers"]),
     ]:
@@ -125,7 +128,30 @@ def test_a_tabular_run_refuses_groups_and_language_model_methods(run, tmp_path):
     ids = write_ids(tmp_path / "ids.txt", [0])
     assert_clean_failure(invoke("forget", run, "--ids", ids, "--method", "lm-retrain"),
                          "lm-retrain updates language-model runs", "is a tabular run")
+    assert_clean_failure(invoke("forget", run, "--ids", ids, "--method", "ngdiff"),
+                         "ngdiff updates language-model runs", "is a tabular run")
+    assert_clean_failure(invoke("forget", run, "--ids", ids, "--method", "fisher", "--lr", "0.1"),
+                         "--lr, --epochs and --steps")
     assert snapshot(run) == before
+
+
+def test_forget_with_an_lm_unlearning_method_writes_a_version_that_verifies(tmp_path):
+    run, _, _ = train(tmp_path, n=24)
+    forget = invoke("forget", run, "--group", "author-1", "--method", "ngdiff", "--lr", "0.01", "--steps", "3",
+                    "--json", tmp_path / "ngdiff.json")
+    assert forget.exit_code == 0, forget.output
+    report = json.loads((tmp_path / "ngdiff.json").read_text())
+    assert report["method"] == "ngdiff" and report["version"] == 2 and report["ids"] == [20, 21, 22, 23]
+    assert report["guarantee"]["kind"] == "evaluated" and report["guarantee"]["by_construction"] == "none"
+    measured = report["guarantee"]["measured"]
+    assert measured["forget_nll_after"] > measured["forget_nll_before"] and report["metrics"]["steps"] == 3
+    ascent = invoke("forget", run, "--ids", write_ids(tmp_path / "ids.txt", [0]), "--method", "ascent", "--epochs", "1",
+                    "--json", tmp_path / "ascent.json")
+    assert ascent.exit_code == 0, ascent.output
+    assert json.loads((tmp_path / "ascent.json").read_text())["method"] == "lm-ascent"
+    ledger = invoke("ledger", run, "--json", tmp_path / "ledger.json")
+    assert ledger.exit_code == 0, ledger.output
+    assert invoke("verify", run).exit_code == 0
 
 
 def test_bad_training_input_exits_before_writing(tmp_path):
