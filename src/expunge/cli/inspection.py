@@ -159,7 +159,8 @@ def _evaluate_lm(fitted, run: Path, reference: Optional[Path], tofu: Optional[Pa
         if ref_run.kind != registry.LM:
             raise ExpungeError(f"{reference} is a tabular run; the reference of a language-model run is the same run "
                                "retrained without the forgotten rows (expunge forget COPY --group G --method retrain)")
-        if not np.array_equal(np.sort(ref_run.universe.ids[ref_run.active]), np.sort(fitted.universe.ids[fitted.active])):
+        remaining = np.sort(fitted.universe.ids[fitted.active])
+        if not np.array_equal(np.sort(ref_run.universe.ids[ref_run.active]), remaining):
             raise ExpungeError(f"{reference} is not trained on the same remaining rows as {run}; retrain a copy of the "
                                "original run without the same rows (expunge forget COPY --group G --method retrain)")
         ref = evaluate_lm(ref_run.model, ref_run.tokenizer, tofu=splits, tofu_options=options)
