@@ -171,7 +171,7 @@ def test_a_crash_mid_update_leaves_the_previous_run_intact(run, monkeypatch):
 
 
 def test_a_crash_between_manifest_and_ledger_is_repaired_by_the_next_write_from_the_manifest(run, monkeypatch):
-    monkeypatch.setattr(ledger_module.Ledger, "append", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(ledger_module.Ledger, "append_all", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         run.forget([1001], requested_by="alice")
     monkeypatch.undo()

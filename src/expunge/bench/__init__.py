@@ -45,4 +45,5 @@ BENCHMARKS = {
                                 "~15 min"),
     "llm-unlearning": Benchmark("expunge.bench.llm_unlearning", "LM unlearning (TOFU): forget quality vs utility",
                                 "~1.5 h"),
+    "service": Benchmark("expunge.bench.service", "deletion service: latency, batching, worker kills", "~30 min"),
 }

@@ -195,4 +195,6 @@ def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progres
     whose figures mean nothing."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = run(repeats=repeats, tiny=bool(limit), progress=progress, console=console)
-    return report(rows, json_out, table, plot, console)
+    return report(rows, json_out, table, plot, console,
+                  settings={"steps_per_case": repeats, "smoke": bool(limit), "threads_per_rank": os.environ["OMP_NUM_THREADS"],
+                            "rounds": "not interleaved (a case's steps run together); the round rule is not applied yet"})

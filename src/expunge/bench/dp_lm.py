@@ -228,7 +228,7 @@ def run_in_process(models, modes, batch_size, seq_len, layers, repeats, tiny, de
 
 # -- the benchmark ---------------------------------------------------------------------------------------------
 
-def run(repeats: int = 3, models=MODELS, modes=MODES, batch_size: int | None = None, seq_len: int | None = None,
+def run(repeats: int | None = None, models=MODELS, modes=MODES, batch_size: int | None = None, seq_len: int | None = None,
         layers: dict | None = None, device: str = "cpu", tiny: bool = False, isolate: bool = True,
         round_s: float | None = None, replicas: int | None = None, progress: bool = True, console=None) -> list[dict]:
     """Measure every (model, mode) on `device`; rows with tokens per second, peak memory, ratios to non-private."""
@@ -243,7 +243,7 @@ def run(repeats: int = 3, models=MODELS, modes=MODES, batch_size: int | None = N
             console.print(f"[dim]{text}[/dim]")
 
     if device == "cuda":
-        rows = run_in_process(models, modes, batch_size, seq_len, layers, repeats, tiny, "cuda", CudaMeter(), say)
+        rows = run_in_process(models, modes, batch_size, seq_len, layers, repeats or 3, tiny, "cuda", CudaMeter(), say)
         threads = None
     elif device == "cpu":
         kwargs = {} if round_s is None else {"round_s": round_s}
@@ -324,10 +324,10 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None,
+def main(data_dir, json_out, repeats: int | None = None, limit: int | None = None, progress: bool = True, console=None,
          device: str = "cpu") -> list[dict]:
     """The data folder is not needed (random tokens). ``limit`` (any value) runs tiny models in this process:
     a smoke run of a minute (its speed and memory figures mean nothing)."""
     rows = run(repeats=repeats, device=device, tiny=bool(limit), isolate=not limit, round_s=0.0 if limit else None,
                progress=progress, console=console)
-    return report(rows, json_out, table, plot, console)
+    return report(rows, json_out, table, plot, console, settings={"device": device, "repeats": repeats, "smoke": bool(limit)})

@@ -7,10 +7,12 @@
     merging.py     model merging: merge, tradeoff
     benchmarks.py  benchmarks: bench
     demo.py        the README's demo
+    service.py     the deletion-request service: serve, worker, token
 """
 
 from .app import app
 from . import updates, merging, inspection, audit, benchmarks, demo  # noqa: E402,F401  (registration order is the order of --help)
+from . import service  # noqa: E402,F401
 
 
 def main():  # pragma: no cover - console script entry

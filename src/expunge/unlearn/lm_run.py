@@ -217,6 +217,10 @@ class LMRun(RunModel):
             entry["rows" if active else "deleted"] += 1
         return counts
 
+    def group_members(self) -> dict[str, np.ndarray]:
+        """Every group of the corpus with the ids of its rows, deleted ones included (what a service request names)."""
+        return {g: self.universe.ids_in_groups([g]) for g in dict.fromkeys(self.universe.groups)}
+
     def group_ids(self, groups) -> np.ndarray:
         """The ids of the current rows of the named groups (a TOFU author ``author-7``, a MUSE split ``forget``);
         an unknown group, or one with no rows left, is refused."""

@@ -12,6 +12,10 @@ method names, and lets that class read its own data.
 Opening a run checks its manifest against the ledger's head and the current version's files (integrity.py);
 a request then takes the run's lock, checks the whole chain, computes into a staging folder and only then
 commits. A request that fails at any point leaves the run directory as it was.
+
+A batch of requests (``forget_batch``, ``add_batch``: the deletion-request service) is one update and one
+version, with one ledger row per request; the rows name the batch and each request, so whoever applied the
+batch can tell from the run itself, after a crash, whether it committed (``batch_rows``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 from ..artifact import FORMAT, LOCK_WAIT, RunDirectory, file_sha256, fsync_path
 from ..data import IndexedDataset, load_dataset, preprocess
 from ..errors import ExpungeError
-from ..integrity import Problem, manifest_digest, reconcile
+from ..integrity import Problem, batch_of, manifest_digest, manifest_rows, reconcile
 from ..ledger import Entry, Ledger, make_entry
 from ..signing import ED25519, load_signer, verifier_from_pem
 from ..tables import integer_values
@@ -55,11 +59,30 @@ class Request:
                 raise ExpungeError(f"{name.replace('_', '-')} must be non-empty text of at most {MAX_TEXT} characters")
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of a batch: its id (the service's), the ids it names (to forget; or, for an addition, the ids
+    of its rows, ``None`` for fresh ones), its rows to add (an IndexedDataset or (X, y)), and who asked."""
+
+    request_id: str
+    ids: tuple | None
+    request: Request = Request()
+    rows: object = None
+
+
 def refusal(problems: list[Problem], path) -> ExpungeError:
     """One error for the problems that keep a run from being used."""
     first = problems[0]
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
     return ExpungeError(f"{path} failed its integrity check: {first}{more}. `expunge verify {path}` lists every mismatch")
+
+
+def guarantees_of(manifest: dict) -> set[str]:
+    """What a run's current model promises, from its manifest: what its method holds, less what an update ended."""
+    held = set(get(manifest["method"]["name"]).holds)
+    if PRIVATE in held and "privacy" not in manifest:
+        held.discard(PRIVATE)
+    return held
 
 
 def reading_verifier(manifest: dict):
@@ -93,6 +116,7 @@ class RunModel:
         self.universe, self.active, self.test = universe, active, test
         self.n_base = manifest["data"]["n_base"]
         self.pending: Entry | None = None  # the manifest's last row, missing from the ledger file (a crash)
+        self.pending_rows: list[Entry] = []  # every row the ledger file lacks (a whole batch, or just that one)
         self.cache_problems: list[Problem] = []  # damaged caches (a trajectory): retraining rebuilds them
         self._signer = None  # the key the write in progress signs with
         self._writing: dict | None = None  # the request in progress: its Request, guarantees it ends, notes
@@ -122,10 +146,16 @@ class RunModel:
 
     def guarantees(self) -> set[str]:
         """What the current model promises: what its method holds, less what an update ended."""
-        held = set(get(self.manifest["method"]["name"]).holds)
-        if PRIVATE in held and "privacy" not in self.manifest:
-            held.discard(PRIVATE)
-        return held
+        return guarantees_of(self.manifest)
+
+    @staticmethod
+    def current_rows(path) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Without loading the run: its manifest, the ids of the rows added since training, and the mask of active
+        rows over the training rows then the added ones (what a service checks requests against between loads)."""
+        run = RunDirectory(path)
+        manifest = run.read_manifest()
+        with np.load(run.current(manifest) / ROWS) as rows:
+            return manifest, rows["ids"], rows["active"]
 
     def current_model_hash(self) -> str:
         """The hash of the model in memory, as the ledger records it."""
@@ -260,7 +290,7 @@ class RunModel:
         caches = [p for p in problems if p.cache]
         damaged = {p.where.split("/", 2)[2] for p in caches}  # paths inside the version folder
         model = model_class._open(run, manifest, folder, universe, active, test, damaged)
-        model.pending, model.cache_problems = state.pending, caches
+        model.pending, model.pending_rows, model.cache_problems = state.pending, state.pending_rows, caches
         if model.current_model_hash() != manifest["model_hash"]:
             raise refusal([Problem(f"versions/{folder.name}", "the stored model does not hash to the model hash the "
                                    "manifest and ledger record", f"restore {folder.name} from a backup of this run")],
@@ -340,11 +370,17 @@ class RunModel:
         $EXPUNGE_SIGNING_KEY; required once the run is signed."""
         request = Request(requested_by, reason, reference)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) == 0:
-            raise ExpungeError("no ids given: name at least one row to forget")
         unique, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             raise ExpungeError(f"ids appear more than once in the request: {unique[counts > 1][:5].tolist()}; list each once")
+        new_active = self._forgotten(ids)
+        return self._serve("forget", ids, self.universe, new_active, method, compare, progress, request, drop_privacy,
+                           signing_key)[0]
+
+    def _forgotten(self, ids: np.ndarray) -> np.ndarray:
+        """The mask of active rows once ``ids`` (distinct) are forgotten; refused if any is unknown or gone."""
+        if len(ids) == 0:
+            raise ExpungeError("no ids given: name at least one row to forget")
         rows = self.universe.rows_of(ids)
         if not self.active[rows].all():
             gone = ids[~self.active[rows]]
@@ -353,8 +389,7 @@ class RunModel:
         new_active[rows] = False
         if not new_active.any():
             raise ExpungeError("the request deletes every row of the training data; nothing would be left to train on")
-        return self._serve("forget", ids, self.universe, new_active, method, compare, progress, request, drop_privacy,
-                           signing_key)
+        return new_active
 
     def revise(self, updater, progress: bool = False, *, kind: str = "revise", requested_by: str | None = None,
                reason: str | None = None, reference: str | None = None, drop_privacy: bool = False,
@@ -364,7 +399,7 @@ class RunModel:
         row of kind ``kind``; the keyword arguments are those of ``forget``."""
         request = Request(requested_by, reason, reference)
         return self._serve(kind, np.zeros(0, np.int64), self.universe, self.active.copy(), updater, False, progress,
-                           request, drop_privacy, signing_key)
+                           request, drop_privacy, signing_key)[0]
 
     def sample_ids(self, ratio: float, seed: int = 0) -> np.ndarray:
         """A random ``ratio`` of the current rows' ids (at least one), for experiments."""
@@ -381,6 +416,74 @@ class RunModel:
         raise ExpungeError(f"{self.path} is a {KIND_NAMES[self.kind]} run, which takes no added rows; train a new "
                            "run on the extended data")
 
+    # ------------------------------------------------------------------ batches of requests
+
+    def forget_batch(self, batch_id: str, items: list[BatchItem], method=None, progress: bool = False, *,
+                     drop_privacy: bool = False, signing_key=None, committed=None) -> tuple[UpdateReport, list[Entry]]:
+        """Forget the ids of several requests in one update: one new version, one ledger row per request (in the
+        order given) naming ``batch_id`` and the request's id. Each request's ids must be distinct and present; two
+        requests may name the same id (it is removed once, and both rows list it). ``committed()``, if given, is
+        called after the version is committed and before the rows reach the ledger file (where a crash leaves
+        them in the manifest). Returns the update's report (the union of the ids) and the rows."""
+        items = self._batch_items(batch_id, items)
+        named = [self._item_ids(item, item.ids) for item in items]
+        for item, ids in zip(items, named):
+            if len(np.unique(ids)) != len(ids):
+                raise ExpungeError(f"request {item.request_id} names an id more than once; list each once")
+        union = np.unique(np.concatenate(named))
+        new_active = self._forgotten(union)
+        return self._serve("forget", union, self.universe, new_active, method, False, progress, None, drop_privacy,
+                           signing_key, batch=(batch_id, items), committed=committed)
+
+    def add_batch(self, *args, **kwargs) -> tuple[UpdateReport, list[Entry]]:
+        """Add the rows of several requests in one update (runs on features and labels: see ``TabularRun.add_batch``)."""
+        raise ExpungeError(f"{self.path} is a {KIND_NAMES[self.kind]} run, which takes no added rows; train a new "
+                           "run on the extended data")
+
+    @staticmethod
+    def _batch_items(batch_id: str, items: list[BatchItem]) -> list[BatchItem]:
+        if not isinstance(batch_id, str) or not batch_id.strip():
+            raise ExpungeError("a batch needs an id (a non-empty string)")
+        items = list(items)
+        if not items:
+            raise ExpungeError(f"batch {batch_id} holds no requests")
+        request_ids = [item.request_id for item in items]
+        if len(set(request_ids)) != len(request_ids) or not all(isinstance(r, str) and r for r in request_ids):
+            raise ExpungeError(f"batch {batch_id}: every request needs its own non-empty id")
+        return items
+
+    @staticmethod
+    def _item_ids(item: BatchItem, ids) -> np.ndarray:
+        return integer_values(np.ravel(np.asarray(ids)), f"the ids of request {item.request_id}", "ids must be integers")
+
+    @classmethod
+    def batch_rows(cls, path, batch_id: str) -> list[Entry]:
+        """The ledger rows of batch ``batch_id`` in the run at ``path``, including rows a crash left only in the
+        manifest (empty if the batch never committed). Reads only: what a worker checks after a crash."""
+        run = RunDirectory(path)
+        manifest = run.read_manifest()
+        rows = [e for e in manifest_rows(manifest) if (batch_of(e) or {}).get("id") == batch_id]
+        if rows:  # the last batch committed: the manifest holds all its rows
+            return rows
+        return [e for e in run.ledger.read() if (batch_of(e) or {}).get("id") == batch_id]
+
+    def repair(self) -> list[Entry]:
+        """Append the rows a crash kept out of the ledger file (proven by the manifest), holding the lock; returns
+        them. Refused, like any write, if the run fails its integrity check."""
+        with self.run.lock():
+            on_disk = self.run.read_manifest()
+            state = reconcile(on_disk, self.ledger, str(self.path), full=True, verifier=reading_verifier(on_disk))
+            if state.problems:
+                raise refusal(state.problems, self.path)
+            self.ledger.append_all(state.pending_rows)
+            if on_disk.get("ledger") == self.manifest.get("ledger"):
+                self.pending, self.pending_rows = None, []
+            return state.pending_rows
+
+    def group_members(self) -> dict[str, np.ndarray]:
+        """Named groups of rows a request can name instead of ids, each with its ids (deleted ones included)."""
+        raise ExpungeError(f"{self.path} has no named groups of rows; name the rows by their ids")
+
     def _update(self, kind: str, ids: np.ndarray, universe, new_active: np.ndarray,
                 method, compare: bool, progress: bool) -> UpdateReport:
         """Compute the update and ``_commit`` it (called with the run locked and checked)."""
@@ -388,18 +491,21 @@ class RunModel:
 
     # ------------------------------------------------------------------ writing
 
-    def _serve(self, kind, ids, universe, new_active, method, compare, progress, request: Request,
-               drop_privacy: bool, signing_key) -> UpdateReport:
-        """Check the guarantees the request keeps, then, holding the lock: check the run, sign, update, commit."""
+    def _serve(self, kind, ids, universe, new_active, method, compare, progress, request: Request | None,
+               drop_privacy: bool, signing_key, batch=None, committed=None) -> tuple[UpdateReport, list[Entry]]:
+        """Check the guarantees the request keeps, then, holding the lock: check the run, sign, update, commit.
+        Returns the report and the ledger rows made."""
         found = find(self._method_name(method))
         if found is not None and kind not in found.serves:
             raise ExpungeError(f"{found.name} does not serve {kind} requests: {found.summary}")
         ends = self._guarantees_ended(method, drop_privacy)
         with self.run.lock():
             signer, notes = self._prepare_write(signing_key)
-            self._signer, self._writing = signer, {"request": request, "ends": ends, "notes": notes}
+            writing = {"request": request or Request(), "ends": ends, "notes": notes, "batch": batch,
+                       "committed": committed, "entries": []}
+            self._signer, self._writing = signer, writing
             try:
-                return self._update(kind, ids, universe, new_active, method, compare, progress)
+                return self._update(kind, ids, universe, new_active, method, compare, progress), writing["entries"]
             finally:
                 self._signer = self._writing = None
 
@@ -463,11 +569,13 @@ class RunModel:
         if state.problems:
             raise refusal(state.problems, self.path)
         notes = []
-        if state.pending is not None:
-            self.ledger.append(state.pending)
-            notes.append(f"ledger row {state.pending.seq} (version {state.pending.version}), which a crash had kept out "
-                         "of the ledger file, was appended from the manifest before this request")
-            self.pending = None
+        if state.pending_rows:
+            self.ledger.append_all(state.pending_rows)
+            seqs = [e.seq for e in state.pending_rows]
+            rows = f"ledger row {seqs[0]}" if len(seqs) == 1 else f"ledger rows {seqs[0]}..{seqs[-1]}"
+            notes.append(f"{rows} (version {state.pending.version}), which a crash had kept out of the ledger file, "
+                         f"{'was' if len(seqs) == 1 else 'were'} appended from the manifest before this request")
+            self.pending, self.pending_rows = None, []
         return signer, notes
 
     def _write_rows(self, stage: Path, universe, active: np.ndarray) -> None:
@@ -487,10 +595,16 @@ class RunModel:
         privacy = report.guarantee.get("privacy")
         if privacy is not None:
             changes = dict(changes or {}, privacy=privacy, privacy_ended=None)
-        writing = self._writing or {"request": Request(), "ends": [], "notes": []}
+        # the request in progress (set by _serve, or by a training that writes its own first version); what it
+        # does not say takes the defaults, in place, since _serve reads the rows made back from it
+        writing = self._writing if self._writing is not None else {}
+        for key, default in (("request", Request()), ("ends", []), ("notes", []), ("batch", None), ("committed", None),
+                             ("entries", [])):
+            writing.setdefault(key, default)
         version = report.version = self.version + 1
         report.notes = list(writing["notes"])
-        manifest = {k: v for k, v in self.manifest.items() if k not in ("version", "files", "ledger", "last_entry")}
+        manifest = {k: v for k, v in self.manifest.items()
+                    if k not in ("version", "files", "ledger", "last_entry", "batch_entries")}
         manifest.update(format=FORMAT, version=version, files=self.run.seal(stage), model_hash=report.model_hash_after)
         for key, value in (changes or {}).items():
             if value is None:
@@ -505,16 +619,37 @@ class RunModel:
             manifest["signing"] = self._signer.describe()
         manifest = json.loads(json.dumps(manifest))  # as it reads back, so that its digest is reproducible
         prev = Entry.from_dict(self.manifest["last_entry"]) if "last_entry" in self.manifest else None
-        entry = make_entry(prev, run_id=manifest["run_id"], version=version, report=report.to_dict(),
-                           state_sha256=manifest_digest(manifest), request=asdict(writing["request"]),
-                           signer=self._signer)
-        manifest.update(ledger={"length": entry.seq, "head": entry.entry_hash}, last_entry=entry.to_dict())
+        entries = self._entries(prev, manifest, report, writing)
+        manifest.update(ledger={"length": entries[-1].seq, "head": entries[-1].entry_hash},
+                        last_entry=entries[-1].to_dict())
+        if len(entries) > 1:  # the batch's earlier rows: a crash before they reach the ledger file loses none
+            manifest["batch_entries"] = [e.to_dict() for e in entries[:-1]]
         manifest = self.run.commit(stage, manifest)
         folder = self.run.current(manifest)
         self.manifest, self.universe, self.active = manifest, universe, active
         adopt(folder)
-        self.ledger.append(entry)
+        writing["entries"] = entries
+        if writing["committed"] is not None:
+            writing["committed"]()
+        self.ledger.append_all(entries)
         return folder
+
+    def _entries(self, prev: Entry | None, manifest: dict, report: UpdateReport, writing: dict) -> list[Entry]:
+        """The ledger rows of the version in ``manifest``: the request's, or one per request of a batch (each with
+        its own ids, who asked and why, all sharing the report's models, seconds and guarantee)."""
+        state = manifest_digest(manifest)
+        if writing["batch"] is None:
+            return [make_entry(prev, run_id=manifest["run_id"], version=manifest["version"], report=report.to_dict(),
+                               state_sha256=state, request=asdict(writing["request"]), signer=self._signer)]
+        batch_id, items = writing["batch"]
+        entries = []
+        for index, item in enumerate(items):
+            row_report = dict(report.to_dict(), ids=sorted(int(i) for i in item.ids))
+            prev = make_entry(prev, run_id=manifest["run_id"], version=manifest["version"], report=row_report,
+                              state_sha256=state, request=asdict(item.request), signer=self._signer,
+                              batch={"id": batch_id, "index": index, "size": len(items)}, request_id=item.request_id)
+            entries.append(prev)
+        return entries
 
 
 class TabularRun(RunModel):
@@ -589,6 +724,12 @@ class TabularRun(RunModel):
         original features, which puts it back in its original place in the batch plan. The keyword
         arguments are those of ``forget``."""
         request = Request(requested_by, reason, reference)
+        ids, universe, new_active = self._added(X, y, ids)
+        return self._serve("add", ids, universe, new_active, method, compare, progress, request, drop_privacy,
+                           signing_key)[0]
+
+    def _added(self, X, y=None, ids=None) -> tuple[np.ndarray, IndexedDataset, np.ndarray]:
+        """The ids, universe and mask of active rows once these rows are added (checked as ``add`` says)."""
         if isinstance(X, IndexedDataset):
             X, y, ids = X.X, X.y, X.ids
         try:
@@ -626,5 +767,41 @@ class TabularRun(RunModel):
         if (~known).any():
             universe = universe.concat(new.take(np.flatnonzero(~known)))
             new_active = np.concatenate([new_active, np.ones(int((~known).sum()), bool)])
-        return self._serve("add", ids, universe, new_active, method, compare, progress, request, drop_privacy,
-                           signing_key)
+        return ids, universe, new_active
+
+    def add_batch(self, batch_id: str, items: list[BatchItem], method=None, progress: bool = False, *,
+                  drop_privacy: bool = False, signing_key=None, committed=None) -> tuple[UpdateReport, list[Entry]]:
+        """Add the rows of several requests in one update (see ``forget_batch``). Rows without ids get fresh ones,
+        in request order; no id may be added twice."""
+        items = self._batch_items(batch_id, items)
+        X, y, given = [], [], []
+        for item in items:
+            rows = item.rows
+            if isinstance(rows, IndexedDataset):
+                rows, item = (rows.X, rows.y), BatchItem(item.request_id, tuple(rows.ids.tolist()), item.request)
+            if rows is None or len(rows) != 2:
+                raise ExpungeError(f"request {item.request_id} holds no rows to add: give (X, y) or an IndexedDataset")
+            try:
+                X.append(np.asarray(rows[0], dtype=np.float32).reshape(len(rows[0]), -1))
+            except (ValueError, TypeError) as e:
+                raise ExpungeError(f"request {item.request_id}: new rows must have numeric features ({e})") from e
+            y.append(np.ravel(rows[1]))
+            given.append(None if item.ids is None else self._item_ids(item, item.ids))
+        start = max([int(self.universe.ids.max())] + [int(g.max()) for g in given if g is not None and len(g)]) + 1
+        final = []
+        for item, x, g in zip(items, X, given):
+            if g is None:  # fresh ids, above every id known or given
+                g, start = np.arange(start, start + len(x)), start + len(x)
+            if len(g) != len(x):
+                raise ExpungeError(f"request {item.request_id}: {len(x)} rows but {len(g)} ids")
+            final.append(g)
+        items = [BatchItem(item.request_id, tuple(int(i) for i in ids), item.request, item.rows)
+                 for item, ids in zip(items, final)]
+        all_ids, universe, new_active = self._added(np.concatenate(X), np.concatenate(y), np.concatenate(final))
+        return self._serve("add", all_ids, universe, new_active, method, False, progress, None, drop_privacy,
+                           signing_key, batch=(batch_id, items), committed=committed)
+
+    def group_members(self) -> dict[str, np.ndarray]:
+        """Named groups of rows a request can name instead of ids: here each class, ``class-K`` (the rows with label
+        K, deleted ones included). Runs whose rows have groups of their own (documents by author) override this."""
+        return {f"class-{k}": self.universe.ids[self.universe.y == k] for k in np.unique(self.universe.y).tolist()}
