@@ -193,3 +193,72 @@ def test_a_pending_row_is_checked_as_the_chains_next_link(tmp_path):
     assert reconcile(manifest, ledger, "RUN").pending == forged  # the cheap check sees a crash's leftover
     state_ = reconcile(manifest, ledger, "RUN", full=True)
     assert "model_hash_before is not the model the row before produced" in whats(state_.problems)
+
+
+# ------------------------------------------------------------------ batches: one version, a row per request
+
+
+def build_batch(tmp_path, size=3, appended=None):
+    """Version 1 (training), then version 2 made by a batch of ``size`` requests; the ledger holds its first
+    ``appended`` rows (default all); the manifest carries the batch's rows."""
+    first = make_entry(None, run_id="r", version=1, state_sha256=manifest_digest(state(1)), request={},
+                       report={"kind": "train", "method": "deltagrad", "ids": [], "model_hash_after": "m1"})
+    entries, prev = [first], first
+    for i in range(size):
+        prev = make_entry(prev, run_id="r", version=2, state_sha256=manifest_digest(state(2)),
+                          request={"requested_by": f"person {i}"}, batch={"id": "b", "index": i, "size": size},
+                          request_id=f"q{i}", report={"kind": "forget", "method": "deltagrad", "ids": [10 + i],
+                                                      "model_hash_before": "m1", "model_hash_after": "m2"})
+        entries.append(prev)
+    manifest = dict(manifest_at(prev), batch_entries=[e.to_dict() for e in entries[1:-1]])
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.append_all(entries[: len(entries) if appended is None else appended])
+    return manifest, ledger, entries
+
+
+def test_a_batch_reconciles_in_both_modes(tmp_path):
+    manifest, ledger, entries = build_batch(tmp_path)
+    assert check_chain(entries) == []
+    for full in (False, True):
+        result = reconcile(manifest, ledger, "RUN", full=full)
+        assert result.ok and result.pending_rows == [], whats(result.problems)
+
+
+@pytest.mark.parametrize("appended", [1, 2, 3])
+def test_a_batch_the_ledger_lacks_is_pending_in_full_from_the_manifest(tmp_path, appended):
+    manifest, ledger, entries = build_batch(tmp_path, appended=appended)
+    for full in (False, True):
+        result = reconcile(manifest, ledger, "RUN", full=full)
+        assert result.ok and result.pending_rows == entries[appended:] and result.pending == entries[-1]
+
+
+def test_a_removed_batch_row_is_found(tmp_path):
+    manifest, ledger, _ = build_batch(tmp_path)
+    tamper(ledger, "DELETE FROM entries WHERE seq = 3;")
+    problems = whats(reconcile(manifest, ledger, "RUN", full=True).problems)
+    assert "it is row 3 of batch b, but the row before it is not that batch's previous row" in problems
+
+
+def test_a_batch_row_must_share_its_batchs_version_and_models(tmp_path):
+    _, _, entries = build_batch(tmp_path)
+    odd = make_entry(entries[1], run_id="r", version=2, state_sha256=manifest_digest(state(2)), request={},
+                     batch={"id": "b", "index": 1, "size": 3}, request_id="q1",
+                     report={"kind": "forget", "method": "deltagrad", "ids": [11], "model_hash_before": "m1",
+                             "model_hash_after": "mX"})
+    assert "does not share its batch's version" in whats(check_chain(entries[:2] + [odd]))
+
+
+def test_a_ledger_ending_inside_a_batch_is_found(tmp_path):
+    _, _, entries = build_batch(tmp_path)
+    assert "rows after it are missing" in whats(check_chain(entries[:3]))
+    assert "rows after it are missing" in whats(check_chain(entries[:3] + [make_entry(
+        entries[2], run_id="r", version=3, state_sha256=None, request={},
+        report={"kind": "forget", "method": "deltagrad", "ids": [5], "model_hash_before": "m2",
+                "model_hash_after": "m3"})]))
+
+
+def test_a_manifest_that_lost_the_batchs_earlier_rows_is_found(tmp_path):
+    manifest, ledger, _ = build_batch(tmp_path, appended=1)
+    manifest.pop("batch_entries")
+    result = reconcile(manifest, ledger, "RUN")
+    assert "incomplete or out of order" in whats(result.problems) and result.pending_rows == []

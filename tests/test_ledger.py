@@ -123,3 +123,45 @@ def test_a_ledger_of_the_earlier_format_names_the_migration(ledger):
 def test_entry_dict_round_trip():
     (entry,) = chain(1)
     assert Entry.from_dict(entry.to_dict()) == entry
+
+
+def test_rows_sharing_a_version_are_appended_together_or_not_at_all(ledger):
+    first, = chain(1)
+    batch, prev = [], first
+    for i in range(3):
+        prev = make_entry(prev, run_id="run", version=2, report=report(ids=(10 + i,), before="m1", after="m2"),
+                          state_sha256="s2", request={}, batch={"id": "b", "index": i, "size": 3}, request_id=f"q{i}")
+        batch.append(prev)
+    ledger.append(first)
+    with pytest.raises(ExpungeError, match="does not follow"):
+        ledger.append_all([batch[0], batch[2]])  # a gap inside the batch: nothing of it is written
+    assert ledger.length() == 1
+    ledger.append_all(batch)
+    assert ledger.read() == [first, *batch] and [e.version for e in ledger.read()] == [1, 2, 2, 2]
+    assert batch[1].body["request_id"] == "q1" and "batch" not in first.body  # rows served alone hash as before
+
+
+def test_a_ledger_made_with_one_row_per_version_is_widened_once_keeping_its_rows_and_triggers(ledger):
+    first, _ = chain(2)
+    db = sqlite3.connect(ledger.path)  # the schema before batches: version UNIQUE
+    db.executescript("CREATE TABLE entries (seq INTEGER PRIMARY KEY, version INTEGER NOT NULL UNIQUE, "
+                     "entry_hash TEXT NOT NULL UNIQUE, body TEXT NOT NULL, signature TEXT);"
+                     "CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries "
+                     "BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;")
+    db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
+               (1, 1, first.entry_hash, canonical(first.body).decode(), None))
+    db.commit()
+    db.close()
+    twin = make_entry(first, run_id="run", version=2, report=report(ids=(9,), before="m1", after="m2"),
+                      state_sha256="s2", request={}, batch={"id": "b", "index": 0, "size": 2}, request_id="q0")
+    last = make_entry(twin, run_id="run", version=2, report=report(ids=(8,), before="m1", after="m2"),
+                      state_sha256="s2", request={}, batch={"id": "b", "index": 1, "size": 2}, request_id="q1")
+    ledger.append_all([twin, last])
+    assert [e.seq for e in ledger.read()] == [1, 2, 3]
+    db = sqlite3.connect(ledger.path)
+    try:
+        for statement in ("DELETE FROM entries", "UPDATE entries SET body = 'x'"):
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                db.execute(statement)
+    finally:
+        db.close()

@@ -2,7 +2,7 @@
 
     RUN/manifest.json            the current version: recipe, data, method, file hashes, the ledger's head
     RUN/ledger.sqlite            hash-chained record of every request (see ledger.py, integrity.py)
-    RUN/base.npz                 the training data, only when it has no loadable source
+    RUN/base.npz                 the training data, only when it has no loadable source (base.json for a corpus)
     RUN/versions/000007/         one complete, self-contained state:
         weights.safetensors        final and initial weights
         rows.npz                   added rows and the mask of active rows
@@ -126,10 +126,11 @@ class RunDirectory:
                 problems.append(Problem(where, "it is corrupted (its hash does not match the manifest)", fix, cache))
         base = manifest["data"].get("base_sha256")
         if base is not None:
-            path = self.path / "base.npz"
+            name = manifest["data"].get("base_file", "base.npz")
+            path = self.path / name
             if not path.is_file() or file_sha256(path) != base:
-                problems.append(Problem("base.npz", "the stored training data is missing or corrupted",
-                                        "restore base.npz from a backup of this run"))
+                problems.append(Problem(name, "the stored training data is missing or corrupted",
+                                        f"restore {name} from a backup of this run"))
         return problems
 
     def verify(self, manifest: dict) -> Path:

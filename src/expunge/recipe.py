@@ -27,6 +27,9 @@ class TrainRecipe:
     (``SGD``, ``Adam``, ...); DeltaGrad and exact retraining replay plain SGD, SISA takes any. ``lr_steps`` is a step schedule:
     ``((10, 0.05),)`` switches the learning rate to 0.05 from epoch 10 on. ``weight_decay`` is the
     L2 coefficient lambda of the objective mean_i loss_i + lambda/2 ||w||^2 (all parameters).
+    ``lr_auto``: GeN sets the rate (``expunge.optim.GeN``, started from ``lr``, an estimate every ``lr_every``
+    iterations on the probe batches of ``BatchPlan.probes()``); train.py says how, and why exact retraining
+    reproduces it.
     """
 
     model: str = "logreg"
@@ -39,6 +42,8 @@ class TrainRecipe:
     dtype: str = "float64"
     seed: int = 0
     optimizer: str = "SGD"
+    lr_auto: bool = False
+    lr_every: int = 4
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -64,10 +69,18 @@ class TrainRecipe:
             raise ExpungeError(f"unknown optimizer {self.optimizer!r}; name a torch.optim class such as SGD, Adam or AdamW")
         if self.seed < 0:
             raise ExpungeError(f"seed must be a non-negative integer, got {self.seed}")
+        if not isinstance(self.lr_auto, bool):
+            raise ExpungeError(f"lr_auto must be true or false, got {self.lr_auto!r}")
+        if self.lr_auto and steps:
+            raise ExpungeError("an automatic learning rate (GeN) and a step schedule exclude each other: drop --lr-step")
+        if not (float(self.lr_every).is_integer() and self.lr_every >= 1):
+            raise ExpungeError(f"lr_every (iterations between GeN estimates) must be a positive integer, got {self.lr_every}")
+        object.__setattr__(self, "lr_every", int(self.lr_every))
         if any(h < 1 for h in self.hidden):
             raise ExpungeError(f"hidden layer sizes must be positive, got {self.hidden}")
 
     def lr_at(self, epoch: int) -> float:
+        """The scheduled rate (with ``lr_auto``, GeN's starting rate: the applied ones are in the trajectory)."""
         lr = self.lr
         for start, value in self.lr_steps:
             if epoch >= start:
@@ -109,10 +122,16 @@ class BatchPlan:
     batch_size: int | None
     epochs: int
     seed: int
+    stream: int = 0  # 0: the training batches; another stream: independent batches by the same rules (probes)
 
     @classmethod
     def for_recipe(cls, recipe: TrainRecipe, n_base: int) -> "BatchPlan":
         return cls(n_base, recipe.batch_size, recipe.epochs, recipe.seed)
+
+    def probes(self) -> BatchPlan:
+        """The plan of GeN's probe batches: the same rules on an independent stream, so a removed row leaves a
+        hole in its probe batch and an added row joins one, exactly as in training."""
+        return BatchPlan(self.n_base, self.batch_size, self.epochs, self.seed, stream=1)
 
     @property
     def base_batch(self) -> int:
@@ -132,7 +151,8 @@ class BatchPlan:
     def _permutation(self, epoch: int) -> np.ndarray:
         if self.batches_per_epoch == 1:
             return np.arange(self.n_base)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_base)
+        key = [self.seed, epoch] + ([self.stream] if self.stream else [])
+        return np.random.default_rng(key).permutation(self.n_base)
 
     def iterations(self, active: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
         """Universe rows per iteration, given the active mask and the universe's ids."""
@@ -146,6 +166,8 @@ class BatchPlan:
             perm, slots = perm[keep], (np.arange(self.n_base) // bs)[keep]
             cuts = np.searchsorted(slots, np.arange(nb + 1))
             epoch_salt = _mix64(np.array([(self.seed * 1_000_003 + epoch) % 2**64], np.uint64))[0]
+            if self.stream:
+                epoch_salt = _mix64(np.array([epoch_salt ^ np.uint64(self.stream)], np.uint64))[0]
             added_slots = (_mix64(ids[added].astype(np.uint64) ^ epoch_salt) % np.uint64(nb)).astype(np.int64)
             for b in range(nb):
                 rows = perm[cuts[b] : cuts[b + 1]]

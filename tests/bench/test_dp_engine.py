@@ -12,7 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning",
                                         "ignore:noise_multiplier 0:UserWarning")
 
 FIELDS = {"model", "mode", "batch_size", "samples_per_s", "peak_mem_mb", "throughput_ratio", "memory_ratio",
-          "step_ms", "cpu_ms", "cpu_throughput_ratio", "params", "threads"}
+          "step_ms", "cpu_ms", "cpu_throughput_ratio", "params", "threads", "rounds", "rounds_stop"}
 
 
 def _check(rows, models, modes):
@@ -24,6 +24,9 @@ def _check(rows, models, modes):
     for r in rows:
         if r["mode"] == "non-private":
             assert r["throughput_ratio"] == 1.0
+        elif "non-private" in modes:  # a ratio per round, the median reported with its spread
+            assert len(r["throughput_ratio_rounds"]) == r["rounds"] == len(r["samples_per_s_rounds"])
+            assert r["throughput_ratio_min"] <= r["throughput_ratio"] <= r["throughput_ratio_max"]
 
 
 def test_every_model_and_mode_runs_at_a_tiny_size(tmp_path):

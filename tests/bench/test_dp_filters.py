@@ -7,6 +7,7 @@ import math
 import pytest
 
 from expunge.bench import dp_filters as bench
+from expunge.bench import read_results
 
 
 @pytest.mark.parametrize("rate", [1e-3, 0.1, 1.0, 1.9])
@@ -46,7 +47,8 @@ def test_report_writes_rows_table_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SIMULATED_RATES", (0.1,))
     out = tmp_path / "dp-filters.json"
     rows = bench.main(None, out, limit=1, progress=False)
-    assert out.exists() and out.with_suffix(".png").exists()
+    written, provenance = read_results(out)
+    assert written == rows and provenance["torch"] and out.with_suffix(".png").exists()
     doppler = next(r for r in rows if r["kind"] == "filter" and r["method"] == "doppler")
     assert doppler["peak_gain"] == pytest.approx(10 ** 0.5, rel=1e-2) and doppler["dc_group_delay"] == pytest.approx(7, abs=0.1)
     assert {r["method"] for r in rows if r["kind"] == "simulation"} == {"sgd", "momentum", "disk"}  # DOPPLER: unstable at 0.1

@@ -3,12 +3,12 @@
 Accuracy at the benchmark's scale is in benchmarks/results/dp-optimizers.json; here a short run on a
 subset checks the pipeline and that each method learns something at a generous epsilon."""
 
-import json
 import math
 
 import pytest
 
 from expunge.bench import dp_optimizers as bench
+from expunge.bench import read_rows
 
 from .shared_data import DATA, needs
 
@@ -48,7 +48,7 @@ def test_every_method_runs_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "FASHION", tmp_path / "absent")  # MNIST only, to stay short
     out = tmp_path / "dp-optimizers.json"
     rows = bench.main(DATA, out, repeats=1, limit=1500, progress=False, epsilons=(8.0,))
-    assert json.loads(out.read_text()) == rows and out.with_suffix(".png").exists()
+    assert read_rows(out) == rows and out.with_suffix(".png").exists()
     final = [r for r in rows if not r.get("tuning")]
     assert sorted(r["method"] for r in final) == sorted(bench.METHODS)
     for r in final:

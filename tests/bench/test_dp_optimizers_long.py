@@ -2,9 +2,8 @@
 reports a row per (dataset, method, epsilon, seed). Its accuracy at the real 40-epoch recipe is measured by
 `expunge bench dp-optimizers-long`, not here: this is a 600-row smoke run."""
 
-import json
-
 from expunge.bench import dp_optimizers_long as bench
+from expunge.bench import read_results
 
 from .shared_data import DATA, needs
 
@@ -14,7 +13,8 @@ pytestmark = needs("mnist/mnist.npz")
 def test_smoke_run_tunes_and_reports_every_method(tmp_path):
     out = tmp_path / "dp-optimizers-long.json"
     rows = bench.main(DATA, out, limit=600, progress=False, epsilons=(8.0,), datasets=("mnist",), workers=1)
-    assert json.loads(out.read_text()) == rows and out.with_suffix(".png").exists()
+    written, provenance = read_results(out)
+    assert written == rows and provenance["settings"]["worker_threads"] == 1 and out.with_suffix(".png").exists()
     final = [r for r in rows if not r.get("tuning")]
     assert sorted(r["method"] for r in final) == sorted(bench.METHODS)
     tuning = [r for r in rows if r.get("tuning")]

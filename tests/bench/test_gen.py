@@ -3,11 +3,10 @@
 The numbers at the benchmark's scale are in benchmarks/results/gen.json; here a short run checks the pipeline,
 the private run's accounting (probes included, within epsilon) and the summary's arithmetic."""
 
-import json
-
 import pytest
 
 from expunge.bench import gen as bench
+from expunge.bench import read_results
 
 from .shared_data import DATA, needs
 
@@ -22,7 +21,8 @@ def test_every_kind_of_run_reports_and_the_summary_compares_gen_with_the_best_tu
     monkeypatch.setattr(bench, "FASHION", tmp_path / "absent")  # MNIST only, to stay short
     out = tmp_path / "gen.json"
     rows = bench.main(DATA, out, limit=1200, progress=False)
-    assert json.loads(out.read_text()) == rows and out.with_suffix(".png").exists()
+    written, provenance = read_results(out)
+    assert written == rows and provenance["settings"]["worker_threads"] == 1 and out.with_suffix(".png").exists()
     runs = [r for r in rows if not r.get("summary")]
     assert len(runs) == 2 * 2 + 2 * 2 + 2 + 2  # grid x schedules, GeN x horizons from both ends, DP grid, DP GeN
     for r in runs:

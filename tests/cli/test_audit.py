@@ -152,3 +152,20 @@ def test_a_damaged_ledger_or_manifest_is_a_clean_error_naming_the_recovery(run, 
 
 def test_migrate_on_a_current_run_is_a_clean_error(run):
     assert_clean_failure(invoke("migrate", run), "already in the current format")
+
+
+def test_a_batch_has_a_receipt_per_request_named_by_its_ledger_row(run, digits_train, tmp_path):
+    from expunge.unlearn.run import BatchItem, Request, RunModel
+
+    ids = [int(i) for i in digits_train.ids[:3]]
+    RunModel.load(run).forget_batch("b1", [BatchItem("q1", tuple(ids[:2]), Request("ann")),
+                                           BatchItem("q2", tuple(ids[2:]), Request("bo"))])
+    assert_clean_failure(invoke("receipt", run, "--version", "2"), "batch of 2 requests", "--seq")
+    assert_clean_failure(invoke("receipt", run), "--version V", "--seq ROW")
+    out = tmp_path / "receipt.json"
+    assert invoke("receipt", run, "--seq", "3", "--out", out).exit_code == 0
+    assert json.loads(out.read_text())["entry"]["request_id"] == "q2"
+    assert invoke("verify", "--receipt", out, run).exit_code == 0
+    listed = invoke("ledger", run, "--csv", tmp_path / "ledger.csv")
+    assert "2 (1/2)" in listed.output and "2 (2/2)" in listed.output
+    assert "q1,b1,0,2" in (tmp_path / "ledger.csv").read_text()

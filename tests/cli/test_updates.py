@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from ..bench.shared_data import DATA
 from .helpers import N_FEATURES, N_TRAIN, TRAIN, assert_clean_failure, invoke, snapshot, squash, write_ids, write_rows
@@ -94,14 +95,14 @@ def test_both_ids_and_ratio_is_a_clean_error(run, tmp_path):
     ids_file = write_ids(tmp_path / "ids.txt", [0])
     before = snapshot(run)
     result = invoke("forget", run, "--ids", ids_file, "--ratio", "0.01")
-    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R or --class K")
+    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R, --class K or --group G")
     assert snapshot(run) == before
 
 
 def test_neither_ids_nor_ratio_is_a_clean_error(run):
     before = snapshot(run)
     result = invoke("forget", run)
-    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R or --class K")
+    assert_clean_failure(result, "exactly one of --ids FILE, --ratio R, --class K or --group G")
     assert snapshot(run) == before
 
 
@@ -395,3 +396,38 @@ def test_uci_adult_trains_from_its_own_files(tmp_path):
     report = json.loads((tmp_path / "train.json").read_text())
     assert report["metrics"]["rows"] == 32561
     assert report["metrics"]["test_acc"] > 0.8  # above the 76% of always answering '<=50K'
+
+
+def test_train_lr_auto_records_gens_rates_and_forget_retrains_them(tmp_path, digits_train):
+    from expunge.train import train
+    from expunge.trajectory import Trajectory
+    from expunge.unlearn import Fitted
+
+    run = tmp_path / "auto"
+    assert_clean_failure(invoke("train", "--data", "digits", "--out", run, *TRAIN, "--lr", "auto"), "--method retrain")
+    assert_clean_failure(invoke("train", "--data", "digits", "--out", run, *TRAIN, "--lr", "fast"), "'auto'")
+    assert not run.exists()
+    result = invoke("train", "--data", "digits", "--out", run, *TRAIN, "--lr", "auto", "--lr-start", "0.05",
+                    "--method", "retrain")
+    assert result.exit_code == 0, result.output
+    assert "GeN learning rate" in result.stdout
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["recipe"]["lr_auto"] is True and manifest["recipe"]["lr"] == 0.05
+    assert (run / "versions" / "000001" / "trajectory" / "rates.npy").is_file()
+    before = snapshot(run)
+    ids_file = write_ids(tmp_path / "ids.txt", digits_train.ids[[0, 5, 100]])
+    assert_clean_failure(invoke("forget", run, "--ids", ids_file, "--method", "deltagrad"), "only exact retraining")
+    assert snapshot(run) == before
+    result = invoke("forget", run, "--ids", ids_file, "--no-compare")
+    assert result.exit_code == 0, result.output
+    fitted = Fitted.load(run)
+    traj = Trajectory.create(None, fitted.plan.n_iterations, fitted.flat.n_params, fitted.flat.dtype)
+    w = train(fitted.ws, fitted.active, fitted.w0, traj)  # training from scratch on the remaining rows
+    assert torch.equal(fitted.w, w)
+    np.testing.assert_array_equal(fitted.rates, traj.rates)
+
+
+def test_nproc_without_dp_is_a_clean_error(tmp_path):
+    assert_clean_failure(invoke("train", "--data", "digits", "--out", tmp_path / "r", *TRAIN, "--nproc", "2"),
+                         "--nproc trains privately")
+    assert not (tmp_path / "r").exists()

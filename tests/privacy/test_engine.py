@@ -264,8 +264,6 @@ def test_empty_batches_through_the_loader(kind):
 
 def bad_models():
     torch.manual_seed(0)
-    tied = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10))
-    tied[1].weight = tied[0].weight
     frozen_bn = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
     for p in frozen_bn[1].parameters():
         p.requires_grad_(False)
@@ -287,7 +285,6 @@ def bad_models():
         "lstm": (nn.Sequential(nn.Linear(6, 4), nn.LSTM(4, 4)), "recurrent"),
         "gru": (nn.GRU(6, 4), "recurrent"),
         "attention": (Attention(), "MultiheadAttention"),
-        "tied": (tied, "tied"),
     }
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from expunge.errors import ExpungeError
 from expunge.privacy import make_private
 from expunge.privacy import persample
+from expunge.privacy.engine import make_groups
 from expunge.privacy.persample import (ConvHandler, EmbeddingHandler, FunctionalHandler, LinearHandler,
                                        NormHandler)
 
@@ -549,12 +550,162 @@ def test_module_registered_twice_is_weight_sharing():
     assert [h.name for h in engine.handlers] == ["0", "2", "5"]
 
 
-def test_tied_weights_of_two_modules_are_refused():
+# -- parameters held by several layers (tied weights) -------------------------------------------------------
+
+@pytest.fixture
+def forms(monkeypatch):
+    """Records the pairs of per-sample forms (Dense, LowRank, Rows) whose cross terms the engine takes."""
+    from expunge.privacy import engine as engine_module
+
+    seen, original = [], engine_module.inner
+
+    def spy(x, y):
+        seen.append(tuple(sorted((type(x).__name__, type(y).__name__))))
+        return original(x, y)
+
+    monkeypatch.setattr(engine_module, "inner", spy)
+    return seen
+
+
+def token_loss(out, t, reduction="mean"):
+    """Next-token style loss over (B, T, V) logits: with T tokens in every row, the mean over B T tokens is
+    the mean over rows of each row's mean."""
+    return F.cross_entropy(out.transpose(1, 2), t, reduction=reduction) if reduction == "mean" else \
+        F.cross_entropy(out.transpose(1, 2), t, reduction="none").mean(1).sum()
+
+
+class TiedHead(nn.Module):
+    """Input embedding and output head (with a bias) share one weight, as in GPT-2 or Llama."""
+
+    def __init__(self, vocab, d, pooled=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        self.head.weight = self.emb.weight
+        self.pooled = pooled
+
+    def forward(self, ids):
+        h = self.norm(torch.tanh(self.emb(ids)))
+        return self.head(h.mean(1) if self.pooled else h)
+
+
+@pytest.mark.parametrize("vocab,d,T,form", [(40, 8, 3, "LowRank"), (12, 6, 5, "Dense")])
+@pytest.mark.parametrize("clipping", ["all-layer", "layer-wise"])
+def test_tied_embedding_and_head(vocab, d, T, form, clipping, forms):
+    torch.manual_seed(16)
+    ids = torch.randint(0, vocab, (B, T), generator=gen(4))
+    ids[:, 1] = ids[:, 0]  # a repeated token in every row
+    engine = check(TiedHead(vocab, d), ids, torch.randint(0, vocab, (B, T), generator=gen(5)), loss=token_loss,
+                   clipping=clipping)
+    assert forms == [tuple(sorted((form, "Rows")))]
+    assert [h.shared for h in engine.handlers] == [{"weight"}, set(), {"weight"}]
+    assert len(engine.params) == len(list(engine.model.parameters()))  # the tied weight once
+
+
+def test_tied_embedding_and_head_on_pooled_rows(forms):
+    torch.manual_seed(17)
+    check(TiedHead(9, 5, pooled=True), torch.randint(0, 9, (B, 4), generator=gen(6)), labels(k=9))
+    assert forms == [("LowRank", "Rows")]  # one position per row: the outer product g a^T
+
+
+class TiedLinears(nn.Module):
+    """Two projections share a 6 x 8 weight (not square, so that a transposed layout cannot pass): nn.Linear
+    with nn.Linear, or with transformers' Conv1D (which stores its weight as (inputs, outputs)), or with a
+    module of the torch.func fallback."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.other = other
+        self.first = nn.Linear(8, 6)
+        self.second = {"linear": lambda: nn.Linear(8, 6), "conv1d": lambda: Conv1D(8, 6),
+                       "fallback": lambda: Project()}[other]()
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(6 if other == "linear" else 8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        out = h * self.second(torch.cos(x)) if self.other == "linear" else self.second(h)
+        return self.head(out.mean(1))
+
+
+class Project(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 8))
+
+    def forward(self, x):
+        return torch.sin(x @ self.weight)
+
+
+@pytest.mark.parametrize("other,T,pair", [("linear", 3, ("LowRank", "LowRank")), ("linear", 12, ("Dense", "Dense")),
+                                          ("conv1d", 3, ("LowRank", "LowRank")), ("conv1d", 12, ("Dense", "Dense")),
+                                          ("fallback", 3, ("Dense", "LowRank"))])
+def test_tied_linear_layers(other, T, pair, forms):
+    torch.manual_seed(18)
+    check(TiedLinears(other), randn(B, T, 8), labels())
+    assert forms == [pair]
+
+
+class TiedEmbeddings(nn.Module):
+    """Two embeddings share one table (and two LayerNorms one gain; two convolutions one kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.words, self.tags = nn.Embedding(9, 4), nn.Embedding(9, 4)
+        self.tags.weight = self.words.weight
+        self.ln1, self.ln2 = nn.LayerNorm(4), nn.LayerNorm(4)
+        self.ln2.weight = self.ln1.weight
+        self.conv1, self.conv2 = nn.Conv1d(4, 4, 3, padding=1), nn.Conv1d(4, 4, 3, padding=1)
+        self.conv2.weight = self.conv1.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = self.ln2(torch.tanh(self.ln1(self.words(ids) + self.tags((ids * 2) % 9))))
+        c = self.conv2(torch.tanh(self.conv1(h.transpose(1, 2))))
+        return self.head(c.mean(2))
+
+
+@pytest.mark.parametrize("clipping", ["all-layer", "param-wise"])
+def test_tied_embeddings_norms_and_convolutions(clipping, forms):
     torch.manual_seed(19)
-    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
-    model[2].weight = model[0].weight
-    with pytest.raises(ExpungeError, match="tied"):
-        persample.build_handlers(model)
+    check(TiedEmbeddings(), token_ids(pad=0), labels(), clipping=clipping)
+    assert sorted(forms) == [("Dense", "Dense"), ("Dense", "Dense"), ("Rows", "Rows")]
+
+
+def test_tied_weight_has_one_group_under_any_of_its_names():
+    torch.manual_seed(20)
+    model = TiedHead(12, 6)
+    for heads in (["emb"], ["head"], ["norm", "head"]):
+        groups = make_groups(persample.build_handlers(model), heads, 1.0)
+        owners = [g for g in groups if any(h.params[p] is model.emb.weight for h, p in g.members)]
+        assert len(owners) == 1 and len(owners[0].tied) == 1
+
+
+# -- an input of one row broadcast over the batch ----------------------------------------------------------
+
+class Broadcast(nn.Module):
+    """GPT-2's pattern: position ids of shape (1, T) looked up once and added to every row; also a Linear and
+    a LayerNorm called on one-row tensors that broadcast."""
+
+    def __init__(self, T=5, d=4):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(7, d), nn.Embedding(T, d)
+        self.lin = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.register_buffer("base", torch.randn(1, T, d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        h = self.tok(ids) + self.pos(positions) + self.lin(self.base) * self.ln(self.base)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("clipping", ["all-layer", "layer-wise"])
+def test_one_row_input_broadcast_over_the_batch(clipping):
+    torch.manual_seed(21)
+    check(Broadcast(), token_ids(pad=0)[:, :5], labels(), clipping=clipping)
 
 
 class Masked(nn.Module):
@@ -623,3 +774,43 @@ def test_forward_without_backward_between_steps_changes_nothing():
     engine.optimizer.step()
     got = OrderedDict((n, p.grad * B) for n, p in model.named_parameters())
     assert rel_err(got, ref) < TOL
+
+
+def test_a_layer_called_on_its_own_is_not_expanded():
+    """Only forwards of the model given to make_private expand one-row inputs; a part called on its own
+    keeps its shape, and a backward through it names the fix."""
+    torch.manual_seed(22)
+    model = Broadcast().to(DT)
+    ids, y = token_ids(pad=0)[:, :5], labels()
+    engine = make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), (ids, y), batch_size=B,
+                          noise_multiplier=0.0, max_grad_norm=1.0)
+    F.cross_entropy(model(ids), y).backward()
+    engine.optimizer.step()
+    out = model.pos(torch.arange(5).unsqueeze(0))
+    assert out.shape == (1, 5, 4)
+    engine.optimizer.zero_grad()
+    positions = model.pos(torch.arange(5).unsqueeze(0))
+    loss = F.cross_entropy(model.head(torch.tanh(model.tok(ids) + positions).mean(1)), y)
+    loss.backward()
+    with pytest.raises(ExpungeError, match="call that model"):
+        engine.optimizer.step()
+
+
+class FunctionalHead(nn.Module):
+    """Logits from the embedding table used as a plain tensor: no module sees that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+
+    def forward(self, ids):
+        return torch.tanh(self.emb(ids)).mean(1) @ self.emb.weight[:3].t()
+
+
+def test_a_parameter_used_outside_its_module_is_refused():
+    torch.manual_seed(23)
+    model = FunctionalHead().to(DT)
+    ids, y = token_ids(pad=0), labels()
+    make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), (ids, y), batch_size=B, noise_multiplier=0.0)
+    with pytest.raises(ExpungeError, match="outside its module"):
+        F.cross_entropy(model(ids), y).backward()

@@ -298,6 +298,25 @@ def test_continual_pretraining_composes_epsilon_over_the_private_phase_only():
     assert [p.private for p in engine.history()] == [False, True]
 
 
+def test_public_phase_refuses_a_model_output_that_is_not_a_tensor():
+    class Outputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+    X, y = data()
+    model = Outputs()
+    engine = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), (X[12:], y[12:]), batch_size=12,
+                          noise_multiplier=1.0, max_grad_norm=1.0)
+    before = flat(model)
+    with pytest.raises(ExpungeError, match="batch_loss"):
+        engine.pretrain_public((X[:12], y[:12]), batch_size=4)
+    assert torch.equal(before, flat(model)) and not engine.phases
+
+
 class TokenModel(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,6 +1,7 @@
 """Every update method in the package meets the same evaluation contract: after forgetting rows,
 its run exposes a plain torch model that the evaluation suite scores. The methods come from the registry,
-so a new method joins this test by registering."""
+so a new method joins this test by registering. Language-model methods update language-model runs: their
+contract is a transformers causal LM (loadable from the run's model folder) whose per-row losses are scored."""
 
 import numpy as np
 import pytest
@@ -23,7 +24,20 @@ def blobs(n, seed):
 
 # settings that keep a method's own run small here (methods not listed train with their defaults)
 SMALL = {"certified": {"lam": 1e-2}, "sisa": {"shards": 3, "slices": 2, "workers": 1},
-         "dp": {"epsilon": 8, "delta": 1e-4}}
+         "dp": {"epsilon": 8, "delta": 1e-4}, "lm-dp": {"noise_multiplier": 1.0, "delta": 1e-3}}
+
+
+def lm_run(method, tmp_path):
+    """A tiny language-model run the method can update: its own run, or an exactly retrainable (lm-retrain) run."""
+    from expunge.lm import LMRecipe, load_corpus
+
+    from ..lm.tiny import TINY_LLAMA, write_qa
+
+    corpus = load_corpus(write_qa(tmp_path, 12))
+    recipe = LMRecipe(model="tiny-llama", max_length=128, vocab_size=300, batch_size=2, lr=0.05, epochs=1)
+    own = registry.get(method).updates == registry.OWN_RUN
+    updater = registry.make_updater(method if own else "lm-retrain", **SMALL.get(method, {}))
+    return updater.fit(corpus, recipe, out=tmp_path / "run", tiny_config=TINY_LLAMA)
 
 
 def fitted_run(method, tmp_path):
@@ -40,8 +54,10 @@ def test_the_registry_holds_every_method():
     assert set(registry.names()) >= {"deltagrad", "retrain", "fisher", "finetune", "ascent", "certified", "sisa", "dp"}
 
 
-@pytest.mark.parametrize("method", registry.names())
+@pytest.mark.parametrize("method", registry.names(serves="forget"))
 def test_every_method_meets_the_evaluation_contract(method, tmp_path):
+    if registry.kind_of(registry.get(method)) == registry.LM:
+        return lm_contract(method, tmp_path)
     run = fitted_run(method, tmp_path)
     assert isinstance(run, registry.get(method).run) or registry.get(method).updates == registry.GRADIENT_RUN
     ids = run.universe.ids[:6]
@@ -54,3 +70,23 @@ def test_every_method_meets_the_evaluation_contract(method, tmp_path):
     for key in ("forget_acc", "retain_acc", "test_acc", "mia_auc"):
         assert 0 <= figures[key] <= 1, (key, figures)
     assert ev.logits(run.model, run.test).shape == (len(run.test), 3)
+
+
+def lm_contract(method, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from expunge.lm import encode, row_losses
+
+    run = lm_run(method, tmp_path)
+    assert isinstance(run, registry.get(method).run)
+    ids = run.universe.ids[:3]
+    report = run.forget(ids, method=None if registry.get(method).updates == registry.OWN_RUN else method)
+    assert report.kind == "forget" and report.ids == ids.tolist() and report.version == 2
+    assert report.method == method
+    model = AutoModelForCausalLM.from_pretrained(run.model_path)
+    assert isinstance(run.model, torch.nn.Module) and type(run.model) is type(model)
+    tokens = encode(run.universe, run.tokenizer, run.recipe.max_length)
+    with torch.no_grad():
+        forget = row_losses(model, tokens.batch(np.flatnonzero(~run.active)))
+        retain = row_losses(model, tokens.batch(np.flatnonzero(run.active)))
+    assert len(forget) == 3 and len(retain) == 9 and torch.isfinite(torch.cat([forget, retain])).all()

@@ -171,7 +171,7 @@ def test_a_crash_mid_update_leaves_the_previous_run_intact(run, monkeypatch):
 
 
 def test_a_crash_between_manifest_and_ledger_is_repaired_by_the_next_write_from_the_manifest(run, monkeypatch):
-    monkeypatch.setattr(ledger_module.Ledger, "append", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(ledger_module.Ledger, "append_all", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         run.forget([1001], requested_by="alice")
     monkeypatch.undo()
@@ -210,3 +210,41 @@ def test_a_stale_handle_cannot_overwrite_a_newer_version(run):
 def test_training_into_an_existing_run_is_refused(run):
     with pytest.raises(ExpungeError, match="already holds a run"):
         DeltaGrad().fit(dataset(), RECIPE, out=run.path)
+
+
+def test_auto_rate_run_records_gens_rates_and_retraining_recomputes_them_without_the_rows(tmp_path):
+    from expunge.train import train
+    from expunge.trajectory import Trajectory
+
+    recipe = TrainRecipe(epochs=4, batch_size=64, lr=0.5, weight_decay=1e-3, dtype="float64", lr_auto=True, lr_every=2)
+    with pytest.raises(ExpungeError, match="--method retrain"):
+        DeltaGrad().fit(dataset(), recipe, out=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    run = Retrain().fit(dataset(), recipe, out=tmp_path / "run")
+    first = run.rates.copy()
+    assert len(first) == run.plan.n_iterations and len(np.unique(first)) > 2  # GeN moved the rate
+    before = snapshot(run.path)
+    with pytest.raises(ExpungeError, match="only exact retraining"):
+        run.forget([1003], method="deltagrad")
+    assert snapshot(run.path) == before
+    run.forget([1003, 1010, 1200])
+    # exact retraining = GeN run from scratch on the remaining rows: the same weights and the same rates
+    traj = Trajectory.create(None, run.plan.n_iterations, run.flat.n_params, torch.float64)
+    w = train(run.ws, run.active, run.w0, traj)
+    assert torch.equal(run.w, w)
+    np.testing.assert_array_equal(run.rates, traj.rates)
+    assert not np.array_equal(run.rates, first)
+    np.testing.assert_array_equal(Fitted.load(run.path).rates, traj.rates)
+
+
+def test_runs_that_do_not_take_an_automatic_rate_refuse_it(tmp_path):
+    from expunge.unlearn.certified import CertifiedRemoval
+    from expunge.unlearn.private import PrivateTraining
+    from expunge.unlearn.sisa import SISA
+
+    recipe = TrainRecipe(epochs=2, batch_size=64, lr=0.5, lr_auto=True)
+    for name, updater, match in (("sisa", SISA(shards=2), "SISA"), ("dp", PrivateTraining(epsilon=3.0), "private"),
+                                 ("certified", CertifiedRemoval(), "no learning rate")):
+        with pytest.raises(ExpungeError, match=match):
+            updater.fit(dataset(), recipe, out=tmp_path / name)
+        assert not (tmp_path / name).exists()

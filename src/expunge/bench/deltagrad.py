@@ -3,7 +3,10 @@
 Regularised multinomial logistic regression, batch 16384, 20 epochs, weight decay 1e-4, lr 0.1 for
 10 epochs then 0.05, float64; DeltaGrad T0=5, j0=20, m=2. Rows: deletion of 0.1% and 1%, addition
 of 0.1%, and a T0 sweep at 0.1% deletion. Retraining and DeltaGrad run alternately in the same
-process (repeats, median), both computing only the weights: neither writes a trajectory.
+process, both computing only the weights (neither writes a trajectory); each round times one of each, and
+rounds are added until the speedup (retrain seconds / DeltaGrad seconds in the same round) is stable
+(rounds.py: its IQR across rounds under 5% of its median, 5 to 25 rounds, at most ~5 minutes a case past
+the first 5). The row reports the median speedup with its IQR, min and max, and the median seconds of each.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from . import report
+from .rounds import SPREAD_HEADER, RoundRule, Rounds, error_bars, rounds_text, spread_text
 from ..data import load_dataset
 from ..errors import ExpungeError
 from ..models import FlatModel, build_model
@@ -43,9 +47,11 @@ def _accuracy(flat: FlatModel, w: torch.Tensor, X: torch.Tensor, y: np.ndarray) 
     return float((flat.predict(w, X).numpy() == y).mean())
 
 
-def run(data_dir, repeats: int = 3, limit: int | None = None, j0: int = 20, m: int = 2, progress: bool = True,
-        cases=CASES) -> list[dict]:
-    """Measure every case; ``limit`` trains on the first rows only (for smoke tests)."""
+def run(data_dir, repeats: int | None = None, limit: int | None = None, j0: int = 20, m: int = 2,
+        progress: bool = True, cases=CASES, console=None) -> list[dict]:
+    """Measure every case; ``repeats`` fixes the rounds per case (None: until the speedup is stable);
+    ``limit`` trains on the first rows only (for smoke tests)."""
+    rule = RoundRule.for_repeats(repeats)
     train_set, test_set = _mnist(Path(data_dir))
     if limit:
         train_set = train_set.take(np.arange(min(limit, len(train_set))))
@@ -76,24 +82,28 @@ def run(data_dir, repeats: int = 3, limit: int | None = None, j0: int = 20, m: i
             old_active, new_active, w_before, trajectory = cached[key]
             config = DeltaGradConfig(T0=T0, j0=j0, m=m)
             retrain_s, deltagrad_s = [], []
-            for _ in range(repeats):
+            rounds = Rounds(rule)
+            while rounds.more():
                 start = time.perf_counter()
                 w_retrain = train(ws, new_active, w0)
                 retrain_s.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 w_dg, figures = deltagrad(ws, old_active, new_active, trajectory, config)
                 deltagrad_s.append(time.perf_counter() - start)
-            r_s, d_s = statistics.median(retrain_s), statistics.median(deltagrad_s)
+                rounds.add(speedup=retrain_s[-1] / deltagrad_s[-1])
+            if progress and console is not None:
+                console.print(f"{model} {task} {ratio:g} T0={T0}: speedup {rounds.median('speedup'):.2f} over "
+                              f"{rounds.count} rounds ({rounds.stop})", highlight=False)
             rows.append({
                 "model": model, "task": task, "ratio": ratio, "T0": T0, "j0": j0, "m": m,
-                "retrain_s": r_s, "deltagrad_s": d_s, "speedup": r_s / d_s,
-                "speedup_bound": figures["speedup_bound"],
+                "retrain_s": statistics.median(retrain_s), "deltagrad_s": statistics.median(deltagrad_s),
+                **rounds.fields(), "speedup_bound": figures["speedup_bound"],
                 "dist_full_retrain": float((w_before - w_retrain).norm()),
                 "dist_deltagrad_retrain": float((w_dg - w_retrain).norm()),
                 "acc_retrain": _accuracy(flat, w_retrain, X_test, test_set.y),
                 "acc_deltagrad": _accuracy(flat, w_dg, X_test, test_set.y),
                 "iterations": figures["iterations"], "explicit_iterations": figures["explicit_iterations"],
-                "repeats": repeats, "rows": n,
+                "rows": n,
             })
     return rows
 
@@ -101,13 +111,15 @@ def run(data_dir, repeats: int = 3, limit: int | None = None, j0: int = 20, m: i
 def table(rows: list[dict]):
     from rich.table import Table
 
-    t = Table(title="DeltaGrad vs retraining on MNIST (median of repeats, same process)")
-    for col in ("model", "task", "ratio", "T0", "retrain s", "DeltaGrad s", "speedup", "bound", "speedup/bound",
-                "|w-w_re|", "|w_dg-w_re|", "dist ratio", "acc re", "acc dg"):
+    t = Table(title="DeltaGrad vs retraining on MNIST (interleaved rounds in one process; median speedup over "
+                    "rounds, its min-max and IQR)")
+    for col in ("model", "task", "ratio", "T0", "retrain s", "DeltaGrad s", "speedup", SPREAD_HEADER, "rounds", "bound",
+                "speedup/bound", "|w-w_re|", "|w_dg-w_re|", "dist ratio", "acc re", "acc dg"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r["model"], r["task"], f"{r['ratio']:g}", str(r["T0"]), f"{r['retrain_s']:.3f}", f"{r['deltagrad_s']:.3f}",
-                  f"{r['speedup']:.2f}", f"{r['speedup_bound']:.2f}", f"{r['speedup'] / r['speedup_bound']:.2f}",
+                  f"{r['speedup']:.2f}", spread_text(r, "speedup"), rounds_text(r), f"{r['speedup_bound']:.2f}",
+                  f"{r['speedup'] / r['speedup_bound']:.2f}",
                   f"{r['dist_full_retrain']:.2e}", f"{r['dist_deltagrad_retrain']:.2e}",
                   f"{r['dist_deltagrad_retrain'] / r['dist_full_retrain']:.4f}",
                   f"{100 * r['acc_retrain']:.2f}", f"{100 * r['acc_deltagrad']:.2f}")
@@ -123,7 +135,8 @@ def plot(rows: list[dict], path: Path) -> None:
     labels = [f"{r['model']}\n{r['task']} {r['ratio']:g}\nT0={r['T0']}" for r in rows]
     x = np.arange(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.bar(x - 0.2, [r["speedup"] for r in rows], 0.4, label="measured speedup")
+    left.bar(x - 0.2, [r["speedup"] for r in rows], 0.4, yerr=error_bars(rows, "speedup"), capsize=3,
+             label="measured speedup (median, min-max over rounds)")
     left.bar(x + 0.2, [r["speedup_bound"] for r in rows], 0.4, label="bound (iterations / explicit)")
     left.set_xticks(x, labels, fontsize=8)
     left.set_ylabel("retrain seconds / DeltaGrad seconds")
@@ -139,6 +152,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None) -> list[dict]:
-    rows = run(data_dir, repeats=repeats, limit=limit, progress=progress)
-    return report(rows, json_out, table, plot, console)
+def main(data_dir, json_out, repeats: int | None = None, limit: int | None = None, progress: bool = True,
+         console=None) -> list[dict]:
+    rows = run(data_dir, repeats=repeats, limit=limit, progress=progress, console=console)
+    return report(rows, json_out, table, plot, console, settings={"rounds": RoundRule.for_repeats(repeats).describe()})

@@ -20,11 +20,14 @@ Timing. Each (model, mode) lives in REPLICAS worker processes (multiprocessing, 
 kept alive; the parent asks the workers of a model in turn for a round of steps (A B C D E A' B' C' D'
 E', A B C ...), so that drift on the shared machine hits every mode alike and only one worker computes at
 a time; the same mode's speed differed by up to 10% between two processes, hence the replicas, pooled.
-A warm-up round of one step is discarded; then ``repeats`` rounds, in each of which a mode runs steps for
-at least ROUND_S seconds in all (at least one step per worker). The step time is the median over all
-measured steps;
-``samples_per_s`` = batch size / that time, and the ratios divide by the non-private row of the same
-model. ``cpu_ms`` is the same median of process CPU time (robust to other processes taking the cores,
+A warm-up round of one step is discarded; then rounds, in each of which a mode runs steps for at least
+ROUND_S seconds in all (at least one step per worker). In each round a mode's throughput is its batch size
+over the median of that round's steps (replicas pooled), and its ratio is that over the non-private
+throughput of the same round; rounds are added until every mode's ratio is stable (rounds.py: IQR under 5%
+of the median, 5 to 25 rounds, at most ~5 minutes a model past the first 5; ``repeats`` fixes the count).
+``throughput_ratio`` is the median of the per-round ratios, reported with its IQR, min and max;
+``step_ms`` is the median over all measured steps and ``samples_per_s`` = batch size / that time.
+``cpu_ms`` is the same median of process CPU time (robust to other processes taking the cores,
 since with one thread it counts only this step's work). Workers run ONE intra-op thread
 (EXPUNGE_BENCH_THREADS overrides): the machine this was written on has 2 cores shared with other jobs,
 and with 2 OpenMP threads any outside load stalls each parallel region on its slowest thread (steps
@@ -56,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import report
+from .rounds import SPREAD_HEADER, RoundRule, Rounds, error_bars, rounds_text, spread_text
 
 MODES = ("non-private", "expunge all-layer", "expunge group-wise", "opacus hooks", "opacus ghost")
 MODELS = ("mlp", "cnn", "gpt")
@@ -220,8 +224,10 @@ def _round(case: Case, n: int, min_s: float = 0.0):
     return wall, cpu
 
 
-def _serve(conn, model_name: str, mode: str, batch_size: int, tiny: bool, threads: int, memory_only: bool) -> None:
-    """Worker process: the same imports in every mode, the baseline, the case, then rounds on request."""
+def _serve(conn, factory, model_name: str, mode: str, batch_size: int, tiny: bool, threads: int,
+           memory_only: bool) -> None:
+    """Worker process: the same imports in every mode, the baseline, the case, then rounds on request.
+    ``factory(model_name, mode, batch_size, tiny)`` builds the case (Case here; other benchmarks pass theirs)."""
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore")
     import opacus  # noqa: F401  (imported in every mode, so that the baseline is the same)
@@ -232,7 +238,7 @@ def _serve(conn, model_name: str, mode: str, batch_size: int, tiny: bool, thread
         memory = PeakMemory()
         if exact:
             memory.method += ", mmap threshold 64 KiB"
-        case = Case(model_name, mode, batch_size, tiny)
+        case = factory(model_name, mode, batch_size, tiny)
         conn.send(("ready", case.params, memory.method))
         while True:
             command, n, min_s = conn.recv()
@@ -250,9 +256,9 @@ def _serve(conn, model_name: str, mode: str, batch_size: int, tiny: bool, thread
 class _InProcess:
     """The same protocol without a process (for tests: memory figures are then only indicative)."""
 
-    def __init__(self, model_name, mode, batch_size, tiny, threads, memory_only):
+    def __init__(self, factory, model_name, mode, batch_size, tiny, threads, memory_only):
         self.memory = PeakMemory()
-        self.case = Case(model_name, mode, batch_size, tiny)
+        self.case = factory(model_name, mode, batch_size, tiny)
         self.ready = ("ready", self.case.params, self.memory.method + " (in process)")
 
     def round(self, n, min_s=0.0):
@@ -310,14 +316,17 @@ def default_threads() -> int:
     return int(os.environ.get("EXPUNGE_BENCH_THREADS", "1"))
 
 
-def run(repeats: int = 3, models=MODELS, modes=MODES, batch_sizes: dict | None = None, round_s: float = ROUND_S,
+def run(repeats: int | None = None, models=MODELS, modes=MODES, batch_sizes: dict | None = None, round_s: float = ROUND_S,
         replicas: int = REPLICAS, tiny: bool = False, isolate: bool = True, threads: int | None = None,
-        progress: bool = True, console=None) -> list[dict]:
+        progress: bool = True, console=None, factory=None) -> list[dict]:
     """Measure every (model, mode): peak memory in a fresh process each, then step times in ``replicas``
-    persistent workers each, ``repeats`` rounds that interleave the modes of a model. ``tiny`` shrinks the
-    models (tests); ``isolate=False`` runs every case in this process (tests: memory figures are rough)."""
+    persistent workers each, in rounds that interleave the modes of a model (``repeats`` of them, or as many
+    as the ratios need: rounds.py). ``tiny`` shrinks the models (tests); ``isolate=False`` runs every case in
+    this process (tests: memory figures are rough). ``factory`` builds a case with a ``step()`` and ``params``
+    (Case by default; picklable: a module-level class or function, or a functools.partial of one)."""
     import multiprocessing
 
+    factory = factory or Case
     batch_sizes = {**BATCH, **(batch_sizes or {})}
     threads = threads or default_threads()
     ctx = multiprocessing.get_context("spawn")
@@ -327,7 +336,7 @@ def run(repeats: int = 3, models=MODELS, modes=MODES, batch_sizes: dict | None =
             console.print(f"[dim]{text}[/dim]")
 
     def start(model_name, mode, memory_only):
-        args = (model_name, mode, batch_sizes[model_name], tiny, threads, memory_only)
+        args = (factory, model_name, mode, batch_sizes[model_name], tiny, threads, memory_only)
         return _Worker(ctx, *args) if isolate else _InProcess(*args)
 
     rows = []
@@ -349,17 +358,24 @@ def run(repeats: int = 3, models=MODELS, modes=MODES, batch_sizes: dict | None =
                 for mode in modes:
                     say(f"{model_name}: setting up {mode} for timing ({k + 1}/{n_replicas})")
                     workers[k, mode] = start(model_name, mode, False)
-            wall = {mode: [] for mode in modes}  # per round and replica: the step times
+            wall = {mode: [] for mode in modes}  # per round: the step times of every replica
             cpu = {mode: [] for mode in modes}
-            for r in range(repeats + 1):  # round 0 is the warm-up; then A B C D E A' B' C' D' E', A B C ...
+            for (k, mode), worker in workers.items():  # warm-up round: one step each, discarded
+                worker.round(1, 0.0)
+            rounds = Rounds(RoundRule.for_repeats(repeats))
+            while rounds.more():  # A B C D E A' B' C' D' E', A B C ...
+                for mode in modes:
+                    wall[mode].append([])
+                    cpu[mode].append([])
                 for (k, mode), worker in workers.items():
-                    w, c, _ = worker.round(1, round_s / n_replicas if r else 0.0)
-                    if r:
-                        wall[mode].append(w)
-                        cpu[mode].append(c)
-                if r:
-                    say(f"{model_name}: round {r}/{repeats}: "
-                        + ", ".join(f"{m} {1e3 * statistics.median(wall[m][-1]):.0f} ms" for m in modes))
+                    w, c, _ = worker.round(1, round_s / n_replicas)
+                    wall[mode][-1] += w
+                    cpu[mode][-1] += c
+                speed = {mode: batch_sizes[model_name] / statistics.median(wall[mode][-1]) for mode in modes}
+                rounds.add(**{mode: speed[mode] / speed["non-private"] for mode in modes
+                              if mode != "non-private" and "non-private" in modes})
+                say(f"{model_name}: round {rounds.count}: "
+                    + ", ".join(f"{m} {1e3 * statistics.median(wall[m][-1]):.0f} ms" for m in modes))
         finally:
             for w in workers.values():
                 w.stop()
@@ -373,12 +389,14 @@ def run(repeats: int = 3, models=MODELS, modes=MODES, batch_sizes: dict | None =
                 "step_ms": 1e3 * seconds, "samples_per_s": b / seconds,
                 "samples_per_s_rounds": [b / statistics.median(rnd) for rnd in wall[mode]],
                 "cpu_ms": 1e3 * cpu_seconds, "cpu_samples_per_s": b / cpu_seconds,
-                "peak_mem_mb": peaks[mode], "mem_method": methods[mode], "repeats": repeats,
+                "peak_mem_mb": peaks[mode], "mem_method": methods[mode],
                 "steps": len(steps_wall), "replicas": n_replicas, "threads": threads,
+                **(rounds.ratio_fields(mode, "throughput_ratio") if mode in rounds.ratios else
+                   {"throughput_ratio": 1.0 if mode == "non-private" else math.nan}),
+                "rounds": rounds.count, "rounds_stop": rounds.stop,
             })
     for row in rows:
         base = next((r for r in rows if r["model"] == row["model"] and r["mode"] == "non-private"), None)
-        row["throughput_ratio"] = row["samples_per_s"] / base["samples_per_s"] if base else math.nan
         row["cpu_throughput_ratio"] = row["cpu_samples_per_s"] / base["cpu_samples_per_s"] if base else math.nan
         row["memory_ratio"] = row["peak_mem_mb"] / base["peak_mem_mb"] if base and base["peak_mem_mb"] else math.nan
     return rows
@@ -389,14 +407,14 @@ def table(rows: list[dict]):
 
     threads = rows[0]["threads"] if rows else 1
     t = Table(title=f"One training step (forward, backward, optimizer step) on CPU, {threads} thread(s): "
-                    "median over interleaved rounds; ratios to non-private")
-    for col in ("model", "mode", "batch", "samples/s", "ms/step", "throughput ratio", "CPU-time ratio",
-                "peak MB", "memory ratio"):
+                    "ratios to non-private, median over interleaved rounds with its min-max and IQR")
+    for col in ("model", "mode", "batch", "samples/s", "ms/step", "throughput ratio", SPREAD_HEADER, "rounds",
+                "CPU-time ratio", "peak MB", "memory ratio"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r["model"], r["mode"], str(r["batch_size"]), f"{r['samples_per_s']:.1f}", f"{r['step_ms']:.1f}",
-                  f"{r['throughput_ratio']:.2f}", f"{r['cpu_throughput_ratio']:.2f}", f"{r['peak_mem_mb']:.1f}",
-                  f"{r['memory_ratio']:.2f}")
+                  f"{r['throughput_ratio']:.2f}", spread_text(r, "throughput_ratio"), rounds_text(r),
+                  f"{r['cpu_throughput_ratio']:.2f}", f"{r['peak_mem_mb']:.1f}", f"{r['memory_ratio']:.2f}")
     return t
 
 
@@ -415,8 +433,11 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, key, title, target in ((axes[0], "throughput_ratio", "throughput / non-private (higher is better)", 0.8),
                                    (axes[1], "memory_ratio", "peak memory / non-private (lower is better)", 1.3)):
         for k, mode in enumerate(modes):
-            values = [next((r[key] for r in rows if r["model"] == m and r["mode"] == mode), np.nan) for m in models]
-            bars = ax.bar(x + (k - (len(modes) - 1) / 2) * width, values, width, label=mode)
+            picked = [next((r for r in rows if r["model"] == m and r["mode"] == mode), {key: np.nan}) for m in models]
+            values = [r[key] for r in picked]
+            yerr = error_bars(picked, key) if key == "throughput_ratio" else None
+            bars = ax.bar(x + (k - (len(modes) - 1) / 2) * width, values, width, label=mode, yerr=yerr,
+                          error_kw={"lw": 0.6, "capsize": 1.5})
             ax.bar_label(bars, fmt="%.2f", fontsize=6)
         ax.axhline(target, color="k", lw=0.8, ls="--")
         ax.axhline(1.0, color="grey", lw=0.5)
@@ -427,14 +448,16 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=len(modes), fontsize=8, frameon=False)
     threads = rows[0].get("threads", 1) if rows else 1
     fig.suptitle(f"DP training step on CPU ({threads} thread): expunge vs Opacus 1.6 "
-                 "(dashed: targets 0.8x throughput, 1.3x memory)", fontsize=10)
+                 "(dashed: targets 0.8x throughput, 1.3x memory; whiskers: min-max over rounds)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True,
+def main(data_dir, json_out, repeats: int | None = None, limit: int | None = None, progress: bool = True,
          console=None) -> list[dict]:
     """``limit`` is accepted for the common CLI; any value runs the tiny models (a smoke run)."""
     rows = run(repeats=repeats, tiny=bool(limit), progress=progress, console=console)
-    return report(rows, json_out, table, plot, console)
+    settings = {"rounds": RoundRule.for_repeats(repeats).describe(), "worker_threads": default_threads(),
+                "replicas": REPLICAS, "round_s": ROUND_S, "memory_steps": MEMORY_STEPS}
+    return report(rows, json_out, table, plot, console, settings=settings)

@@ -265,4 +265,5 @@ def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progres
     """One training per epsilon (seed 0): a run is the measurement, and repeats would not fit the time
     budget on a CPU, so `repeats` is accepted for the common bench interface and not used."""
     rows = run(data_dir, limit=limit, progress=progress, console=console)
-    return report(rows, json_out, table, plot, console)
+    settings = {"worker_threads": 1, "workers": rows[0]["workers"] if rows else None, "seed": 0}
+    return report(rows, json_out, table, plot, console, settings=settings)

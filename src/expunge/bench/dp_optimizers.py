@@ -288,5 +288,7 @@ def plot(rows: list[dict], path: Path, methods=METHODS, title: str = "") -> None
 
 def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None,
          **kw) -> list[dict]:
-    rows = run(data_dir, limit=limit, progress=progress, console=console, seeds=SEEDS[:max(1, repeats)], **kw)
-    return report(rows, json_out, table, plot, console)
+    seeds = SEEDS[:max(1, repeats)]
+    rows = run(data_dir, limit=limit, progress=progress, console=console, seeds=seeds, **kw)
+    settings = {"worker_threads": 1, "workers": kw.get("workers", 2), "seeds": list(seeds)}
+    return report(rows, json_out, table, plot, console, settings=settings)

@@ -271,4 +271,6 @@ def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progres
     """`repeats` caps the seeds at epsilon 1 (3 by default; other epsilons use one)."""
     seeds_at = {eps: seeds[:max(1, repeats)] for eps, seeds in SEEDS_AT.items()}
     rows = run(data_dir, limit=limit, progress=progress, console=console, seeds_at=seeds_at, **kw)
-    return report(rows, json_out, table, plot, console)
+    settings = {"worker_threads": 1, "workers": kw.get("workers", WORKERS),
+                "seeds_at": {str(eps): list(seeds) for eps, seeds in seeds_at.items()}}
+    return report(rows, json_out, table, plot, console, settings=settings)

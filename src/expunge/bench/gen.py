@@ -21,8 +21,8 @@ is itself a release: its tuning cost is the epsilon of the 4 grid runs composed 
 Targets (issue 12): GeN from either end within 0.5 points of the best tuned schedule on every task, and at most
 35% more wall time than one plain run (median of the grid's runs of that task and optimizer).
 
-A language-model task (tiny LM on TOFU QA, final loss instead of accuracy) joins through `lm_task` once
-`expunge.lm` has landed; until then it is listed as skipped.
+A language-model task (tiny LM on TOFU QA, final loss instead of accuracy) joins through `lm_task`; it is not
+wired yet and is listed as skipped.
 `--limit N` trains on the first N rows (a smoke run).
 
 What the committed run shows (`benchmarks/results/gen.json`; runs are seeded and single-threaded, so the accuracies
@@ -46,6 +46,15 @@ plain run at 0.3 does) while GeN held the rate at 0.29-0.34, and on the flat los
 which helps from the top (+0.03/+0.16 with AdamW) and stalls the run from the bottom; (4) privately, the probe
 noise (sigma_l ~1.2 at the 1% budget share, R_l 2.5, 512 rows) leaves the curvature unresolved at a small rate
 (every estimate from 0.05 rejected: the rate never moved), while from the top it settled at 4.6.
+Why (diagnosed with cheap runs, MNIST small CNN, 300-400 steps, one thread; details in `expunge.optim.gen`'s
+docstring): our GeN was checked against the paper and the authors' public code (offsets, fresh estimation batch,
+fit and acceptance, clip, smoothing, horizon, every, no warm-up) and differs only where it means to (the base
+optimizer's state advances once per step, theirs twice on estimate steps); no discrepancy explains the misses,
+so the committed rows stand and were not rerun. The misses are the method's in this setting: the one-step
+greedy eta* along the optimizer's step settles near whatever rate the run uses (eta*/eta ~1 at fixed rates 20x
+apart), so GeN drifts from a low start (by the early plateau and the clip's x1.1/x0.95 asymmetry) instead of
+finding the tuned rate, and from a rate that diverges (SGD 0.3) it sees a locally fine quadratic until the
+network has collapsed.
 Cost: the committed rows were run before `seconds` became CPU time, so their `seconds` are wall time on a machine
 shared with other jobs (identical plain runs took 14-77 s) and say nothing about overhead; measured instead as CPU
 time of GeN against a plain run of the same optimizer, 160 steps alternated three times on MNIST: x1.34 (SGD-momentum), x1.39 (AdamW), x1.45-1.69 (DP-SGD with
@@ -238,16 +247,12 @@ def sources(data_dir: Path, console=None) -> dict:
 
 
 def lm_task(data_dir: Path, console=None):
-    """The tiny-LM-on-TOFU task hook: None (skipped, said so) until `expunge.lm` exists. When it lands, return a
-    job-maker here whose rows report `final_test_loss` (answer-token loss on held-out TOFU QA) in place of
-    accuracy, with AdamW over the same 100x grid and GeN from either end."""
-    import importlib.util
-
-    if importlib.util.find_spec("expunge.lm") is None or not (Path(data_dir) / "tofu").exists():
-        if console is not None:
-            console.print("tiny LM on TOFU: skipped (expunge.lm has not landed yet)")
-        return None
-    raise ExpungeError("expunge.lm is present: wire the TOFU task into bench/gen.py (lm_task) before running it")
+    """The tiny-LM-on-TOFU task hook: not wired yet, so the task is listed as skipped (said so on the console and
+    in the docstring). When it is, return a job-maker here whose rows report `final_test_loss` (answer-token loss on
+    held-out TOFU QA) in place of accuracy, with AdamW over the same 100x grid and GeN from either end."""
+    if console is not None:
+        console.print("tiny LM on TOFU: skipped (not wired into this benchmark yet)")
+    return None
 
 
 def _load(found: dict, limit: int | None) -> None:
@@ -399,4 +404,5 @@ def main(data_dir, json_out, repeats: int = 1, limit: int | None = None, progres
          **kw) -> list[dict]:
     """One run per configuration (seed 0): `repeats` is accepted for the common bench interface and not used."""
     rows = run(data_dir, limit=limit, progress=progress, console=console, **kw)
-    return report(rows, json_out, table, plot, console)
+    settings = {"worker_threads": 1, "workers": kw.get("workers", 2), "seed": 0}
+    return report(rows, json_out, table, plot, console, settings=settings)

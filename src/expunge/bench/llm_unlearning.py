@@ -489,7 +489,10 @@ def main(data_dir, json_out, repeats: int = 1, limit: int | None = None, progres
     quick = quick if quick is not None else limit is not None
     partial = Path(json_out).with_suffix(".partial.json") if json_out else None
     rows = run(data_dir, quick=quick, progress=progress, console=console, partial=partial)
-    out = report(rows, json_out, table, plot, console)
+    from dataclasses import asdict
+
+    recorded = dict(asdict(QUICK if quick else FULL), threads=int(os.environ.get("EXPUNGE_BENCH_THREADS", "1")))
+    out = report(rows, json_out, table, plot, console, settings=recorded)
     if partial is not None:
         partial.unlink(missing_ok=True)
     return out

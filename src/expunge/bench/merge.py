@@ -478,4 +478,4 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True,
          console=None) -> list[dict]:
     rows = run(data_dir, limit=limit, progress=progress, console=console)
-    return report(rows, json_out, table, plot, console)
+    return report(rows, json_out, table, plot, console, settings={"run_threads": 1, "seed": 0})

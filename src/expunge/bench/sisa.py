@@ -1,10 +1,13 @@
 """SISA on MNIST (MLP) and Location (MLP): accuracy and deletion cost against the number of shards.
 
 For S in {1, 5, 10, 20} and R in {1, 5}: train the ensemble, then serve a stream of 100 single-row
-deletion requests (random rows). Rows reprocessed are counted for the whole stream; the seconds
-are measured on the first ``timed`` requests (every request of the stream costs the same in
-expectation). Full retraining of one model on all the data (the S=1, R=1 recipe) is timed in the
-same loop, between the deletions, for the speedup. Shards train single-threaded, in the local
+deletion requests (random rows): the rows reprocessed are counted over the whole stream. Seconds are
+measured in rounds, each one deletion per slice (a row in slice r retrains stages r..R-1 of its shard; a
+random row of the stream lies in each slice with probability 1/R, so a round's mean is the stream's
+expected cost per request, without the slice lottery in the spread) and one full retraining of one model on
+all the data (the S=1, R=1 recipe), in the same process. Rounds are added until the speedup (retrain
+seconds / mean deletion seconds in the same round) is stable (rounds.py: IQR under 5% of the median, 5 to
+25 rounds, at most ~1 minute a configuration past the first 5). Shards train single-threaded, in the local
 backend (one process per core for the initial training, in-process for a one-shard deletion).
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import report
+from .rounds import SPREAD_HEADER, RoundRule, Rounds, error_bars, rounds_text, spread_text
 from ..data import load_dataset
 from ..errors import ExpungeError
 from ..recipe import TrainRecipe
@@ -31,6 +35,11 @@ RECIPES = {
     "location": TrainRecipe(model="mlp", hidden=(128,), epochs=20, batch_size=64, lr=1e-3, optimizer="Adam",
                             weight_decay=0.0, dtype="float32"),
 }
+TIME_CAP_S = 60.0  # per configuration, past the floor of rounds
+
+
+def round_rule(repeats: int | None) -> RoundRule:
+    return RoundRule.for_repeats(repeats, time_cap_s=TIME_CAP_S)
 
 
 def datasets(data_dir: Path, limit: int | None):
@@ -53,7 +62,7 @@ def full_retrain_seconds(train, recipe: TrainRecipe) -> float:
     return time.perf_counter() - start
 
 
-def run_config(name, train, test, shards, slices, requests=100, timed=10, seed=0) -> dict:
+def run_config(name, train, test, shards, slices, requests=100, repeats: int | None = None, seed=0) -> dict:
     recipe = RECIPES[name]
     with tempfile.TemporaryDirectory(prefix="expunge-sisa-") as tmp:
         start = time.perf_counter()
@@ -70,44 +79,55 @@ def run_config(name, train, test, shards, slices, requests=100, timed=10, seed=0
             s, r = fitted.shard[row], fitted.slice[row]
             in_shard = active & (fitted.shard == s)
             reprocessed.append(sum(int((in_shard & (fitted.slice <= k)).sum()) * epochs for k in range(r, slices)))
+        # seconds: rounds of one deletion per slice (random rows, random shards) and one full retraining
+        rng = np.random.default_rng(seed + 1)
+        alive = fitted.active.copy()
         delete_s, retrain_s = [], []
-        for i, identifier in enumerate(stream[:timed]):
-            report = fitted.forget([identifier])
-            delete_s.append(report.seconds)
-            if i % max(1, timed // 3) == 0:
-                retrain_s.append(full_retrain_seconds(train, recipe))
+        rounds = Rounds(round_rule(repeats))
+        while rounds.more():
+            seconds = []
+            for k in range(slices):
+                row = rng.choice(np.flatnonzero(alive & (fitted.slice == k)))
+                alive[row] = False
+                seconds.append(fitted.forget([fitted.universe.ids[row]]).seconds)
+            delete_s.append(statistics.mean(seconds))
+            retrain_s.append(full_retrain_seconds(train, recipe))
+            rounds.add(speedup=retrain_s[-1] / delete_s[-1])
         full_rows = len(train) * recipe.epochs
-    d_s, r_s = statistics.mean(delete_s), statistics.median(retrain_s)
-    return {"dataset": name, "shards": shards, "slices": slices, "test_acc": acc, "delete_s": d_s, "retrain_s": r_s,
-            "speedup": r_s / d_s, "rows_reprocessed": float(np.mean(reprocessed)), "rows_full_retrain": full_rows,
+    return {"dataset": name, "shards": shards, "slices": slices, "test_acc": acc,
+            "delete_s": statistics.median(delete_s), "retrain_s": statistics.median(retrain_s), **rounds.fields(),
+            "rows_reprocessed": float(np.mean(reprocessed)), "rows_full_retrain": full_rows,
             "rows_speedup": full_rows / float(np.mean(reprocessed)), "train_s": train_s, "requests": requests,
-            "timed_requests": timed, "rows": len(train)}
+            "deletions_timed": rounds.count * slices, "rows": len(train)}
 
 
-def run(data_dir, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None,
-        timed: int = 10) -> list[dict]:
+def run(data_dir, repeats: int | None = None, limit: int | None = None, progress: bool = True,
+        console=None) -> list[dict]:
     rows = []
     for name, (train, test) in datasets(Path(data_dir), limit).items():
         for slices in SLICES:
             for shards in SHARDS:
-                row = run_config(name, train, test, shards, slices, timed=timed)
+                row = run_config(name, train, test, shards, slices, repeats=repeats)
                 rows.append(row)
                 if progress and console is not None:
                     console.print(f"{name} S={shards} R={slices}: acc {row['test_acc']:.4f}, "
-                                  f"{row['delete_s']:.3f} s per deletion, {row['speedup']:.1f}x", highlight=False)
+                                  f"{row['delete_s']:.3f} s per deletion, {row['speedup']:.1f}x over {row['rounds']} "
+                                  f"rounds ({row['rounds_stop']})", highlight=False)
     return rows
 
 
 def table(rows: list[dict]):
     from rich.table import Table
 
-    t = Table(title="SISA: a stream of single-row deletions (mean per request)")
-    for col in ("dataset", "S", "R", "test acc", "delete s", "retrain s", "speedup", "rows reprocessed",
-                "rows full", "rows speedup"):
+    t = Table(title="SISA: single-row deletions against full retraining (seconds: median over interleaved rounds; "
+                    "speedup: median over rounds, its min-max and IQR; rows: mean over a stream of requests)")
+    for col in ("dataset", "S", "R", "test acc", "delete s", "retrain s", "speedup", SPREAD_HEADER, "rounds",
+                "rows reprocessed", "rows full", "rows speedup"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r["dataset"], str(r["shards"]), str(r["slices"]), f"{100 * r['test_acc']:.2f}", f"{r['delete_s']:.3f}",
-                  f"{r['retrain_s']:.3f}", f"{r['speedup']:.1f}", f"{r['rows_reprocessed']:.0f}",
+                  f"{r['retrain_s']:.3f}", f"{r['speedup']:.1f}", spread_text(r, "speedup", ".1f"), rounds_text(r),
+                  f"{r['rows_reprocessed']:.0f}",
                   str(r["rows_full_retrain"]), f"{r['rows_speedup']:.1f}")
     return t
 
@@ -125,7 +145,8 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = [r for r in rows if r["dataset"] == name and r["slices"] == slices]
             S = [r["shards"] for r in pts]
             axes[0][col].plot(S, [100 * r["test_acc"] for r in pts], "o-", label=f"R={slices}")
-            axes[1][col].plot(S, [r["speedup"] for r in pts], "o-", label=f"R={slices}, seconds")
+            axes[1][col].errorbar(S, [r["speedup"] for r in pts], yerr=error_bars(pts, "speedup"), fmt="o-", capsize=3,
+                                  label=f"R={slices}, seconds (min-max over rounds)")
             axes[1][col].plot(S, [r["rows_speedup"] for r in pts], "x--", label=f"R={slices}, rows")
         axes[0][col].set_title(name)
         axes[0][col].set_ylabel("test accuracy (%)")
@@ -140,7 +161,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None) -> list[dict]:
-    rows = run(data_dir, repeats=repeats, limit=limit, progress=progress, console=console,
-               timed=3 if limit else 10)
-    return report(rows, json_out, table, plot, console)
+def main(data_dir, json_out, repeats: int | None = None, limit: int | None = None, progress: bool = True,
+         console=None) -> list[dict]:
+    rows = run(data_dir, repeats=repeats, limit=limit, progress=progress, console=console)
+    return report(rows, json_out, table, plot, console, settings={"rounds": round_rule(repeats).describe()})

@@ -76,14 +76,18 @@ def verify(
 @friendly
 def receipt(
     run: Path = typer.Argument(..., help="Run directory."),
-    version: int = typer.Option(..., help="The version whose request the receipt is for (see `expunge ledger`)."),
+    version: Optional[int] = typer.Option(None, help="The version whose request the receipt is for (see `expunge ledger`)."),
+    seq: Optional[int] = typer.Option(None, help="Or the request's ledger row (a version made by a batch of requests "
+                                      "holds one row per request)."),
     out: Optional[Path] = typer.Option(None, help="Write the receipt here (default: standard output)."),
 ):
     """A self-contained receipt of one request: its ledger row, hash, signature and public key. Anyone can check it
     with `expunge verify --receipt FILE --public-key KEY.pub`, without the run."""
     from ..unlearn.audit import make_receipt
 
-    text = json.dumps(make_receipt(run, version), indent=2) + "\n"
+    if version is None and seq is None:
+        raise ExpungeError("name the request: --version V (see `expunge ledger`) or --seq ROW")
+    text = json.dumps(make_receipt(run, version, seq), indent=2) + "\n"
     if out is None:
         typer.echo(text, nl=False)
     else:

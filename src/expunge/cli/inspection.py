@@ -37,6 +37,10 @@ def info(
     if summary["recipe"]:
         table.add_row("recipe", json.dumps(summary["recipe"]))
     table.add_row("method", json.dumps(summary["method"]))
+    if hasattr(fitted, "describe"):  # a language-model run: its model folder, groups, LoRA, threads
+        from .lm import describe_lm
+
+        describe_lm(fitted, table, summary)
     if hasattr(fitted, "guarantee"):
         summary["certificate"] = fitted.guarantee()
         table.add_row("certificate", json.dumps(summary["certificate"]))
@@ -83,9 +87,12 @@ def evaluate(
     """Score a model against exact retraining: forget/retain/test accuracy, distance and KL to the
     retrained model, membership inference on the forget set, relearn steps; writes JSON, Markdown, a plot."""
     from .. import evaluate as ev
-    from ..unlearn import RunModel
+    from ..unlearn import RunModel, registry
 
     fitted = RunModel.load(run)
+    if fitted.kind != registry.TABULAR:
+        raise ExpungeError(f"{run} is a language-model run; this evaluation scores classifiers (the language-model "
+                           "metrics arrive with the LM unlearning methods)")
     if not hasattr(fitted, "model"):
         raise ExpungeError(f"{run} has no single torch model to score")
     deleted = np.flatnonzero(~fitted.active)
@@ -143,14 +150,17 @@ def _shadow_models(fitted, retain, k: int):
 
 
 CSV_COLUMNS = ("seq", "version", "at", "kind", "method", "n_rows", "ids_sha256", "guarantee_kind", "guarantee",
-               "requested_by", "reason", "reference", "model_hash_before", "model_hash_after", "state_sha256",
-               "prev_hash", "entry_hash", "signer", "signature", "migrated", "in_ledger_file")
+               "requested_by", "reason", "reference", "request_id", "batch_id", "batch_index", "batch_size",
+               "model_hash_before", "model_hash_after", "state_sha256", "prev_hash", "entry_hash", "signer", "signature",
+               "migrated", "in_ledger_file")
 
 
 def _csv_row(entry: dict) -> dict:
     guarantee = entry.get("guarantee") or {}
     signer = entry.get("signer")
+    batch = entry.get("batch") or {}
     return {**{k: entry.get(k) for k in CSV_COLUMNS}, "guarantee_kind": guarantee.get("kind"),
+            "batch_id": batch.get("id"), "batch_index": batch.get("index"), "batch_size": batch.get("size"),
             "guarantee": json.dumps(guarantee, sort_keys=True),
             "signer": f"{signer['alg']}:{signer['key_id']}" if signer else ""}
 
@@ -187,18 +197,19 @@ def ledger(
     manifest = directory.read_manifest()
     state = reconcile(manifest, directory.ledger, str(run), full=True, verifier=reading_verifier(manifest))
     entries = [dict(e.to_dict(), in_ledger_file=True) for e in state.entries or []]
-    if state.pending is not None:
-        entries.append(dict(state.pending.to_dict(), in_ledger_file=False))
+    entries += [dict(e.to_dict(), in_ledger_file=False) for e in state.pending_rows]
     table = Table("version", "at", "kind", "method", "rows", "guarantee", "requested by", "reason", "reference",
                   "model before -> after", "signed")
     for e in entries:
         before = (e.get("model_hash_before") or "-")[:12]
-        table.add_row(str(e["version"]) + ("" if e["in_ledger_file"] else "*"), e["at"], e["kind"], e["method"],
+        batch = e.get("batch")  # a batch's rows share a version: tell them apart
+        place = f" ({batch['index'] + 1}/{batch['size']})" if batch and batch["size"] > 1 else ""
+        table.add_row(str(e["version"]) + place + ("" if e["in_ledger_file"] else "*"), e["at"], e["kind"], e["method"],
                       str(e["n_rows"]), _guarantee(e.get("guarantee")), e.get("requested_by") or "",
                       e.get("reason") or "", e.get("reference") or "", f"{before} -> {e['model_hash_after'][:12]}",
                       (e["signer"]["key_id"] if e.get("signer") else "no") + (" (migrated)" if e.get("migrated") else ""))
     console.print(table)
-    if state.pending is not None:
+    if state.pending_rows:
         console.print("* in the manifest, not yet in the ledger file (a crash between commit and append): the next "
                       "forget or add appends it", highlight=False)
     for problem in state.problems:

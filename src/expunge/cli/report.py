@@ -31,6 +31,9 @@ def print_report(report, quiet: bool) -> None:
         left = g["removals_left_estimate"]
         table.add_row("budget", f"spent {g['spent']:.3g} of {g['budget']:.3g}, left {g['budget_left']:.3g}"
                       + (f" (about {left} more typical removals)" if left is not None else ""))
+    elif g.get("kind") == "evaluated":  # a merge or a trade-off point
+        table.add_row("guarantee", "none by construction; evaluated: " + ", ".join(
+            f"{k} {100 * v:.2f}%" for k, v in g.get("measured", {}).items()) + f" at c = {g.get('c')}")
     elif g.get("kind") in ("scrubbed", "none"):
         table.add_row("guarantee", "none: scrubbing/fine-tuning is judged by `expunge evaluate` against a retrained run"
                       if g["kind"] == "none" else f"none (Fisher scrubbing, lam={g['lam']:g}, noise norm {g['noise_norm']:.3g})")

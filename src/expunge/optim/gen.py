@@ -48,6 +48,31 @@ estimate, so a start 100x off is not recovered within a short run; without a hor
 rose late in training (to 5x the best tuned rate for AdamW); with the cosine horizon it decays to ~0 from
 wherever it is. Started near or above a good rate, with the horizon, it matched the best tuned schedule.
 
+Against the authors' algorithm (Bu and Xu, ICLR 2025, and their `gen-optim` package, read for this): the same
+offsets (-eta, 0, +eta), a fresh training batch per estimate (their `next(tr_iter)`), the same acceptance in
+effect (they fit c fixed at L(0) with two free coefficients and ask gHg > 0, Gg > 0, R^2 > 0.99; with three points
+both fits are exact, so R^2 tests nothing there; ours adds the noise tests above), the same clip [eta/2, 2 eta],
+smoothing 0.9 and horizon scaling of the proposal (theirs per epoch, e.g. linspace(1, 0)), an estimate every Phi
+steps, no warm-up. Two deliberate differences: their estimate steps the base optimizer once to read d and again
+at the new rate (momentum, Adam's moments and step count advance twice on every estimate step; here once), and
+an exception in their fit halves the rate (here a non-finite probe is handled as above). No discrepancy explains
+the benchmark's misses. What cheap runs show instead (MNIST small CNN, batch 128, one thread, 300-400 steps):
+- the greedy estimate follows the rate the run is using: in plain runs at fixed rates 0.003, 0.014 and 0.065
+  (SGD momentum 0.9; the best tuned is 0.065), eta*/eta measured every 25 steps (5 points, not applied) scatters
+  around 1 (medians 0.7-1.3, values 0-4) once the first ~150 steps are past: the iterate settles where the
+  curvature along its own step matches its rate (the short-horizon bias of one-step-greedy rates), so each of
+  these rates, 20x apart, is roughly a fixed point of GeN;
+- what makes GeN climb from a low start is the early plateau (curvature along the step below resolution:
+  "past the clip", a real signal, in the first ~100 steps) and then the clip's asymmetry (x1.1 up against x0.95
+  down on estimates spread from 0.2 to 2.6 eta), a drift: from 0.003 (SGD momentum, every 4) the rate was 0.0099
+  at step 100, 0.0124 at step 300, 0.0134 at 400; with an estimate every step (4x the probes) 0.016 / 0.028 /
+  0.027; with 512-row probe batches 0.0097 / 0.0089 / 0.0079: less noise, less drift;
+- 20-30% of the estimates see no descent along the momentum direction on a fresh batch (kept rate), with
+  128 or 512 probe rows alike; 5-15% see concave descent (negative curvature, kept as the paper does;
+  treating it as "past the clip" raised the rate at step 300 only from 0.0124 to 0.0162).
+So GeN here is a rate tracker that moves a start within a few x, not a tuner that finds the best rate of a 100x
+range; start it near a sensible rate (or above, with a horizon) and expect the tuned schedule's accuracy only then.
+
 Probes: `probe=batches` (any re-iterable such as a DataLoader or a list, or an iterator) with
 `loss_fn(batch) -> loss` (mean over the batch), or `probe=closure` where closure() draws a fresh batch and
 returns a function of no arguments that computes the loss on it at the current weights. The loss must be a

@@ -3,11 +3,12 @@
 dp-accounting."""
 from .accounting import Phase, calibrate_noise, epsilon
 from .engine import DPOptimizer, PrivacyEngine, make_private
+from .losses import causal_lm_loss
 from .optimizers import DPAdamBC
 from .persample import replace_batchnorm
 from .probes import PrivateLossProbe, probe_phase, split_budget
 from .transforms import DOPPLER, DiceSGD, DiSK, PublicCoupling, Transform
 
 __all__ = ["DOPPLER", "DPAdamBC", "DPOptimizer", "DiSK", "DiceSGD", "Phase", "PrivacyEngine", "PrivateLossProbe",
-           "PublicCoupling", "Transform", "calibrate_noise", "epsilon", "make_private", "probe_phase",
-           "replace_batchnorm", "split_budget"]
+           "PublicCoupling", "Transform", "calibrate_noise", "causal_lm_loss", "epsilon", "make_private",
+           "probe_phase", "replace_batchnorm", "split_budget"]

@@ -22,7 +22,7 @@ import math
 import os
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,7 +31,9 @@ from torch import nn
 from ..errors import ExpungeError
 from .accounting import ACCOUNTANTS, Phase, calibrate_noise, check_delta
 from .accounting import epsilon as compose_epsilon
+from .distributed import DataParallel
 from .persample import LayerHandler, build_handlers
+from .shared import LOW_PRECISION, inner
 
 CLIP_FNS = ("abadi", "automatic", "global")
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise")
@@ -54,9 +56,10 @@ def clip_factors(norms: torch.Tensor, threshold: float, clip_fn: str, gamma: flo
 
 @dataclass
 class ClipGroup:
-    members: list[tuple[LayerHandler, str]]  # (handler, parameter attribute)
+    members: list[tuple[LayerHandler, str]]  # (handler, parameter attribute): every use of every parameter
     threshold: float
     done: bool = False
+    tied: list[list[tuple[LayerHandler, str]]] = field(default_factory=list)  # the uses of each shared parameter
 
     @property
     def handlers(self) -> list[LayerHandler]:  # asked on every capture: computed once
@@ -67,27 +70,37 @@ class ClipGroup:
 
 
 def make_groups(handlers: list[LayerHandler], clipping, max_grad_norm: float) -> list[ClipGroup]:
-    """Split the parameters (in registration order) into clipping groups; thresholds C/sqrt(K)."""
-    flat = [(h, pname, f"{h.name}.{pname}" if h.name else pname) for h in handlers for pname in h.params]
+    """Split the parameters (in order of first use) into clipping groups; thresholds C/sqrt(K). A parameter
+    held by several layers (tied embeddings) is one parameter: it belongs to one group, under any of its
+    names, and layer-wise clipping puts it with the first layer that uses it."""
+    params: dict[int, tuple[list[str], list[tuple[LayerHandler, str]], LayerHandler]] = {}
+    for h in handlers:
+        for pname, p in h.params.items():
+            names, uses, _ = params.setdefault(id(p), ([], [], h))
+            names.append(f"{h.name}.{pname}" if h.name else pname)
+            uses.append((h, pname))
+    flat = list(params.values())  # (names, uses, first handler)
+
+    def under(m, head: str) -> bool:
+        return any(n == head or n.startswith(head + ".") for n in m[0])
+
     if clipping == "all-layer":
         parts = [flat]
     elif clipping == "layer-wise":
-        parts = [[m for m in flat if m[0] is h] for h in handlers]
+        parts = [part for part in ([m for m in flat if m[2] is h] for h in handlers) if part]
     elif clipping == "param-wise":
         parts = [[m] for m in flat]
     elif isinstance(clipping, (list, tuple)) and clipping and all(isinstance(c, str) for c in clipping):
         heads = list(clipping)
-        unknown = [hd for hd in heads if not any(full == hd or full.startswith(hd + ".") for _, _, full in flat)]
+        unknown = [hd for hd in heads if not any(under(m, hd) for m in flat)]
         if unknown:
-            names = ", ".join(full for _, _, full in flat[:8])
+            names = ", ".join(m[0][0] for m in flat[:8])
             raise ExpungeError(f"clipping group heads {unknown} name no trainable parameter; heads are parameter or "
                                f"module names such as {names}")
         parts = []
         for m in flat:
-            starts = any(m[2] == hd or m[2].startswith(hd + ".") for hd in heads)
-            first_of_head = starts and (not parts or not any(
-                parts[-1][-1][2] == hd or parts[-1][-1][2].startswith(hd + ".") for hd in heads
-                if m[2] == hd or m[2].startswith(hd + ".")))
+            starts = any(under(m, hd) for hd in heads)
+            first_of_head = starts and (not parts or not any(under(parts[-1][-1], hd) for hd in heads if under(m, hd)))
             if not parts or first_of_head:
                 parts.append([])
             parts[-1].append(m)
@@ -95,20 +108,76 @@ def make_groups(handlers: list[LayerHandler], clipping, max_grad_norm: float) ->
         raise ExpungeError(f"clipping must be one of {', '.join(CLIPPING_STYLES)} or a list of group head names, "
                            f"got {clipping!r}")
     k = len(parts)
-    return [ClipGroup([(h, pname) for h, pname, _ in part], max_grad_norm / math.sqrt(k)) for part in parts]
+    return [ClipGroup([use for m in part for use in m[1]], max_grad_norm / math.sqrt(k),
+                      tied=[m[1] for m in part if len(m[1]) > 1]) for part in parts]
+
+
+def batch_rows(args, kwargs) -> int:
+    """Rows of a model call: the first dimension of its first positional tensor, else of input_ids or
+    inputs_embeds, else the largest first dimension among its tensor keywords (0 when there is none)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            return a.shape[0]
+    for key in ("input_ids", "inputs_embeds"):
+        a = kwargs.get(key)
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            return a.shape[0]
+    return max((a.shape[0] for a in kwargs.values() if isinstance(a, torch.Tensor) and a.dim() > 0), default=0)
 
 
 class NoiseSource:
-    """Standard normal draws: a seeded torch generator (reproducible), or the OS CSPRNG (secure_rng)."""
+    """Standard normal draws: a seeded torch generator (reproducible), or the OS CSPRNG (secure_rng). Noise
+    for parameters on an accelerator is drawn there, by a generator of that device with the same seed."""
 
     def __init__(self, seed: int | None, secure: bool):
         self.secure = secure
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator()
-        self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        self.generator.manual_seed(self.seed)
+        self.device_generators: dict[str, torch.Generator] = {}
 
-    def normal(self, shape, dtype) -> torch.Tensor:
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu":
+            return self.generator
+        key = str(device)
+        if key not in self.device_generators:
+            self.device_generators[key] = torch.Generator(device).manual_seed(self.seed)
+        return self.device_generators[key]
+
+    def fork(self, stream: int) -> NoiseSource:
+        """An independent source for `stream` (a rank's own noise), reproducible from this one's seed."""
+        seed = int(np.random.SeedSequence([self.seed, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+        return NoiseSource(seed, self.secure)
+
+    def state_dict(self) -> dict:
+        return {"cpu": self.generator.get_state(),
+                "devices": {k: g.get_state() for k, g in self.device_generators.items()}}
+
+    def load_state_dict(self, cpu_state, devices: dict) -> None:
+        self.generator.set_state(cpu_state)
+        for key, state in devices.items():
+            self.generator_for(torch.device(key)).set_state(state)
+
+    BLOCK = 1 << 20  # numbers drawn at a time by add_to
+
+    def add_to(self, t: torch.Tensor, std: float) -> torch.Tensor:
+        """t += std * N(0, I), in place, drawn a block at a time (t may be as large as an embedding table)."""
+        t = t.contiguous()
+        flat = t.view(-1)
+        buffer = None if self.secure else torch.empty(min(self.BLOCK, flat.numel()), dtype=t.dtype, device=t.device)
+        for start in range(0, flat.numel(), self.BLOCK):
+            part = flat[start:start + self.BLOCK]
+            if buffer is None:
+                draw = self.normal(part.shape, part.dtype, part.device)
+            else:  # the same numbers as randn, in one reused buffer (no fresh pages per block)
+                draw = buffer[:part.numel()].normal_(generator=self.generator_for(t.device))
+            part.add_(draw, alpha=std)
+        return t
+
+    def normal(self, shape, dtype, device=None) -> torch.Tensor:
+        device = torch.device(device if device is not None else "cpu")
         if not self.secure:
-            return torch.randn(shape, generator=self.generator, dtype=dtype)
+            return torch.randn(shape, generator=self.generator_for(device), dtype=dtype, device=device)
         n = int(np.prod(shape)) if len(shape) else 1
         # Box-Muller on 53-bit uniforms from os.urandom: no seedable state for an attacker to recover.
         bits = np.frombuffer(os.urandom(16 * ((n + 1) // 2)), dtype=np.uint64).reshape(2, -1)
@@ -116,7 +185,7 @@ class NoiseSource:
         u2 = (bits[1] >> np.uint64(11)).astype(np.float64) / 2.0**53
         r = np.sqrt(-2.0 * np.log(u1))
         z = np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:n]
-        return torch.from_numpy(z).to(dtype).reshape(shape)
+        return torch.from_numpy(z).to(dtype).reshape(shape).to(device)
 
 
 class PoissonLoader:
@@ -138,6 +207,8 @@ class PoissonLoader:
         for rows in self.logical_batches():
             chunks = [rows[i:i + self.physical_batch_size] for i in range(0, len(rows), self.physical_batch_size)]
             chunks = chunks or [rows]
+            if self.engine.dist is not None:  # every rank takes as many forwards (their collectives pair up)
+                chunks += [rows[:0]] * (self.engine.dist.most(len(chunks)) - len(chunks))
             for k, chunk in enumerate(chunks):
                 self.engine.optimizer._logical_end = k == len(chunks) - 1
                 self.engine._loader_rows = len(chunk)
@@ -241,7 +312,7 @@ class PrivacyEngine:
                  noise_multiplier: float, max_grad_norm: float, clipping, clip_fn: str, gamma: float,
                  physical_batch_size: int, steps_per_epoch: int, loss_reduction: str, seed: int | None,
                  secure_rng: bool, target_delta: float | None, accountant: str, planned_steps: int | None,
-                 transforms=None):
+                 transforms=None, distributed: DataParallel | None = None):
         self.model, self.n = model, n
         self.sample_rate, self.noise_multiplier, self.max_grad_norm = sample_rate, noise_multiplier, max_grad_norm
         self.clip_fn, self.gamma, self.loss_reduction = clip_fn, gamma, loss_reduction
@@ -252,11 +323,15 @@ class PrivacyEngine:
         self.groups = make_groups(self.handlers, clipping, max_grad_norm)
         self.clipping = clipping
         self._groups_of = {h: [g for g in self.groups if h in g.handlers] for h in self.handlers}
-        self.params = [p for h in self.handlers for p in h.params.values()]
+        # each trainable parameter once, in order of first use (a tied parameter has several users)
+        self.params = list({id(p): p for h in self.handlers for p in h.params.values()}.values())
         self.noise = NoiseSource(seed, secure_rng)
         # rows are drawn from a stream of their own (seed + 1), so noise and sampling never share draws
         self._rows_rng = np.random.default_rng(None if secure_rng or seed is None else seed + 1)
         self.secure_rng = secure_rng
+        self.dist = distributed  # data parallel over a process group (DDP, FSDP2), or None
+        if distributed is not None:
+            distributed.bind(self)
         self.optimizer = DPOptimizer(optimizer, self)
         self.loader = PoissonLoader(self, data, n, steps_per_epoch, physical_batch_size)
         self.phases: list[Phase] = []
@@ -276,6 +351,20 @@ class PrivacyEngine:
         for h in self.handlers:
             h.on_capture = self._on_capture
             h.attach()
+        # the layers learn how many rows each forward of the model has (an input of one row is broadcast over
+        # them), and forget it when the forward ends (a layer called on its own is left as it is)
+        self._rows_hooks = (model.register_forward_pre_hook(self._note_rows, with_kwargs=True),
+                            model.register_forward_hook(self._forget_rows, always_call=True))
+
+    def _note_rows(self, module, args, kwargs) -> None:
+        self._set_rows(batch_rows(args, kwargs))
+
+    def _forget_rows(self, module, args, output) -> None:
+        self._set_rows(0)
+
+    def _set_rows(self, rows: int) -> None:
+        for h in self.handlers:
+            h.batch_rows = rows
 
     # -- sampling ------------------------------------------------------------------------------------
     @property
@@ -283,6 +372,8 @@ class PrivacyEngine:
         return self.sample_rate * self.n
 
     def _draw_batch(self, n: int) -> np.ndarray:
+        if self.dist is not None:
+            return self.dist.draw(self)
         if self.secure_rng:
             self._rows_rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         return np.flatnonzero(self._rows_rng.random(n) < self.sample_rate)
@@ -299,6 +390,8 @@ class PrivacyEngine:
         for group in self._groups_of[handler]:
             if not group.done and all(h.norms_sq is not None for h in group.handlers):
                 self._clip_group(group)
+                if self.dist is not None and self.optimizer._logical_end:  # its sum is final: reduce it now
+                    self.dist.ready(self, group)
                 for h in group.handlers:  # only a group just clipped can finish a handler (was O(H) per capture)
                     if h.norms_sq is not None and all(g.done for g in self._groups_of[h]):
                         h.reset()
@@ -309,27 +402,36 @@ class PrivacyEngine:
             if h.norms_sq is not None:
                 self._check_rows(h, len(h.norms_sq[pname]))
                 total = h.norms_sq[pname] if total is None else total + h.norms_sq[pname]
+        for uses in group.tied:  # a shared parameter: the cross terms between its uses
+            live = [(h, pname) for h, pname in uses if h.norms_sq is not None]
+            for j, (h1, p1) in enumerate(live):
+                for h2, p2 in live[j + 1:]:
+                    cross = inner(h1.per_sample(p1), h2.per_sample(p2))
+                    total = total + cross.to(total.dtype) * (2 * h1.scale * h2.scale)
         group.done = True
         if total is None:
             return
         factors = clip_factors(total.sqrt(), group.threshold, self.clip_fn, self.gamma)
-        for h in group.handlers:
+        for h in sorted(group.handlers, key=lambda h: h.sums_into_others):  # a tied head's dense sum first
             if h.norms_sq is None:
                 continue
             names = [pname for hh, pname in group.members if hh is h]
-            self._accumulate(self.summed, h, h.clipped_sum({pname: factors for pname in names}))
+            self._add_clipped(self.summed, h, {pname: factors for pname in names})
             if self.need_unclipped:
                 ones = torch.ones_like(factors)
-                self._accumulate(self.unclipped, h, h.clipped_sum({pname: ones for pname in names}))
+                self._add_clipped(self.unclipped, h, {pname: ones for pname in names})
 
     @staticmethod
-    def _accumulate(into: dict, handler: LayerHandler, sums: dict) -> None:
-        for pname, g in sums.items():
-            p = handler.params[pname]
-            if id(p) in into:
-                into[id(p)] += g
-            else:
-                into[id(p)] = g  # clipped_sum returns fresh tensors (no graph): no copy
+    def _add_clipped(into: dict, handler: LayerHandler, factors: dict) -> None:
+        """Add the handler's clipped sums to the running sums (id(param) -> tensor); a handler may add into a
+        running sum in place (a tied weight's second use, a later physical batch): no new tensor then."""
+        held = {pname: into.get(id(handler.params[pname])) for pname in factors}
+        for pname, g in handler.clipped_sum(factors, held).items():
+            key = id(handler.params[pname])
+            if into.get(key) is None:
+                into[key] = g  # clipped_sum returns fresh tensors (no graph): no copy
+            elif into[key] is not g:
+                into[key] += g
 
     def _check_rows(self, handler: LayerHandler, rows: int) -> None:
         """Every layer must see the batch's rows on dimension 0: a model that folds positions into the batch
@@ -337,6 +439,11 @@ class PrivacyEngine:
         expected = self._loader_rows
         if expected is None:
             expected = self._rows_seen = getattr(self, "_rows_seen", None) or rows
+        if rows == 1 and expected > 1:
+            raise ExpungeError(
+                f"layer {handler.name or '<model>'} saw 1 row but the batch has {expected}: an input of one row "
+                "that broadcasts over the batch is expanded to the batch's rows only in calls of the model given "
+                "to make_private; call that model, not one of its parts")
         if rows != expected:
             raise ExpungeError(
                 f"layer {handler.name or '<model>'} saw {rows} rows but the batch has {expected}: per-sample "
@@ -360,14 +467,23 @@ class PrivacyEngine:
 
     def _release_gradient(self) -> None:
         """clip (done) -> transforms before noise -> noise -> average -> transforms after noise -> p.grad."""
-        summed = [self.summed.get(id(p), torch.zeros_like(p)) for p in self.params]
-        unclipped = [self.unclipped.get(id(p), torch.zeros_like(p)) for p in self.params] if self.need_unclipped else None
+        # sums, noise and transforms in float32 at least (a bfloat16 model gets its gradient rounded only at the end)
+        def held(sums, p):
+            return sums[id(p)] if id(p) in sums else torch.zeros(p.shape, dtype=_wide_dtype(p), device=p.device)
+
+        if self.dist is not None:  # reduced over the ranks, noised once, averaged; in each parameter's layout
+            for p, g in zip(self.params, self.dist.release(self)):
+                p.grad = g.to(p.dtype)
+            self.summed = {}
+            self.steps += 1
+            return
+        summed = [held(self.summed, p) for p in self.params]
+        unclipped = [held(self.unclipped, p) for p in self.params] if self.need_unclipped else None
         for t in self.transforms:
             summed = t.before_noise(self, summed, unclipped)
         std = self.noise_std
-        if std > 0:  # the same numbers as s + std * noise, built in the noise's own buffer: one tensor, not three
-            summed = [self.noise.normal(p.shape, p.dtype).mul_(std).add_(s) for s, p in zip(summed, self.params)]
-            grads = [s.div_(self.expected_batch_size) for s in summed]
+        if std > 0:  # noise added in place, a block at a time: no second parameter-sized tensor
+            grads = [self.noise.add_to(s, std).div_(self.expected_batch_size) for s in summed]
         else:
             grads = [s / self.expected_batch_size for s in summed]
         for t in self.transforms:
@@ -443,13 +559,24 @@ class PrivacyEngine:
         return scope()
 
     def pretrain_public(self, public_data, *, epochs: float = 1, batch_size: int = 256, loss_fn=None,
-                        seed: int | None = 0, name: str = "public") -> int:
+                        batch_loss=None, seed: int | None = 0, name: str = "public") -> int:
         """Non-private training on public rows (DP continual pre-training's first phase) with the base
-        optimizer; recorded as a public phase, which adds nothing to epsilon. Returns the steps taken."""
+        optimizer; recorded as a public phase, which adds nothing to epsilon. Returns the steps taken.
+
+        Each batch's loss is loss_fn(model(*inputs), target) for rows (inputs..., target) (cross-entropy by
+        default), or batch_loss(model, batch) for rows of any other shape (a language model's ids, attention
+        mask and labels, whose model returns an output object)."""
         import torch.nn.functional as F
 
         from .persample import _NoCapture
 
+        if loss_fn is not None and batch_loss is not None:
+            raise ExpungeError("give pretrain_public loss_fn or batch_loss, not both")
+        if batch_loss is None and hasattr(self.model, "main_input_name"):  # a Hugging Face model: keyword inputs
+            raise ExpungeError(
+                f"pretrain_public: {type(self.model).__name__} takes keyword inputs and returns an output object; "
+                "give batch_loss(model, batch) that computes the batch's loss (for a causal LM: "
+                "causal_lm_loss(model(input_ids=..., attention_mask=...).logits, labels))")
         loss_fn = loss_fn or F.cross_entropy
         n = data_length(public_data)
         check_batch_size(batch_size, n)
@@ -458,10 +585,20 @@ class PrivacyEngine:
         for _ in range(max(1, int(round(epochs)))):
             order = rng.permutation(n)
             for start in range(0, n, batch_size):
-                *inputs, target = fetch(public_data, order[start:start + batch_size])
+                batch = fetch(public_data, order[start:start + batch_size])
                 self.optimizer.base.zero_grad()
                 with _NoCapture():
-                    loss_fn(self.model(*inputs), target).backward()
+                    if batch_loss is not None:
+                        loss = batch_loss(self.model, batch)
+                    else:
+                        *inputs, target = batch
+                        output = self.model(*inputs)
+                        if not isinstance(output, torch.Tensor):
+                            raise ExpungeError(
+                                f"pretrain_public: the model returned a {type(output).__name__}, not a tensor; "
+                                "give batch_loss(model, batch) that computes the batch's loss")
+                        loss = loss_fn(output, target)
+                    loss.backward()
                 self.optimizer.base.step()
                 steps += 1
         self.optimizer.base.zero_grad()
@@ -557,8 +694,10 @@ class PrivacyEngine:
             "steps": self.steps, "phases": [p.to_dict() for p in self.phases], "target_delta": self.target_delta,
             "phase_name": self.phase_name,
             "noise_rng": self.noise.generator.get_state(), "rows_rng": self._rows_rng.bit_generator.state,
+            "noise_rng_devices": self.noise.state_dict()["devices"],
             "planned_steps": self.planned_steps, "transforms": [t.state_dict() for t in self.transforms],
             "releases": [p.to_dict() for p in self.releases],
+            **({"distributed": self.dist.state_dict(self)} if self.dist is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -573,12 +712,17 @@ class PrivacyEngine:
         self.releases = [Phase(**p) for p in state.get("releases", [])]
         self.phase_name = state.get("phase_name", "")
         self.target_delta, self.planned_steps = state["target_delta"], state["planned_steps"]
-        self.noise.generator.set_state(state["noise_rng"])
+        self.noise.load_state_dict(state["noise_rng"], state.get("noise_rng_devices", {}))
         self._rows_rng.bit_generator.state = state["rows_rng"]
         if len(state.get("transforms", [])) != len(self.transforms):
             raise ExpungeError("the saved engine had other transforms: pass the same transforms to make_private")
         for t, ts in zip(self.transforms, state.get("transforms", [])):
             t.load_state_dict(ts)
+        if (self.dist is None) != ("distributed" not in state):
+            raise ExpungeError("the saved engine ran " + ("on one process" if self.dist is not None else
+                               "over a process group") + ": resume it the same way")
+        if self.dist is not None:
+            self.dist.load_state_dict(self, state["distributed"])
         self._set_noise_variance()
 
     def detach(self) -> None:
@@ -587,6 +731,11 @@ class PrivacyEngine:
         for h in self.handlers:
             h.detach()
             h.reset()
+            h.batch_rows = 0
+        for hook in self._rows_hooks:
+            hook.remove()
+        if self.dist is not None:
+            self.dist.detach()
 
     def summary(self, delta: float | None = None) -> dict:
         delta = delta if delta is not None else self.target_delta
@@ -600,6 +749,10 @@ class PrivacyEngine:
             out["epsilon_pld"] = self.epsilon(delta, "pld")
             out["epsilon_rdp"] = self.epsilon(delta, "rdp")
         return out
+
+
+def _wide_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
 
 
 def _row_hashes(features: torch.Tensor) -> list[bytes]:
@@ -631,13 +784,19 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
                  max_grad_norm: float = 1.0, clipping="all-layer", clip_fn: str = "abadi", gamma: float = 0.01,
                  physical_batch_size: int | None = None, loss_reduction: str = "mean", seed: int | None = None,
                  secure_rng: bool = False, accountant: str = "pld", prior_phases: list[Phase] | None = None,
-                 transforms=None, reserve: list[Phase] | None = None) -> PrivacyEngine:
+                 transforms=None, reserve: list[Phase] | None = None,
+                 distributed: bool | None = None) -> PrivacyEngine:
     """Make `model` train privately with `optimizer` on `data` (a tuple of tensors, a TensorDataset or a
     map-style Dataset). Give either target_epsilon + target_delta + (epochs or steps), for which the noise
     is calibrated on dp-accounting, or a fixed noise_multiplier. Everything is checked before any hook is
     attached. Returns the engine; train with engine.loader and engine.optimizer. `reserve`: releases planned
     besides the gradient steps (GeN's loss probes: `expunge.privacy.probes.probe_phase`); target_epsilon then
-    covers the steps and these together. They are accounted when they happen, not here."""
+    covers the steps and these together. They are accounted when they happen, not here.
+
+    Over a process group (torchrun; the model plain, wrapped in DistributedDataParallel or sharded by
+    fully_shard) the engine trains data parallel: distributed=True asks for it, None (the default) uses it
+    whenever a process group of more than one rank is initialised or the model is DDP/FSDP2, False refuses
+    it. Sampling, normalisation and accounting stay global (see expunge.privacy.distributed)."""
     n = data_length(data)
     check_batch_size(batch_size, n)
     physical_batch_size = physical_batch_size or batch_size
@@ -660,6 +819,10 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
                            "optimizer from model.parameters()")
     if isinstance(optimizer, DPOptimizer):
         raise ExpungeError("this optimizer is already private: pass the base optimizer")
+    parallel = DataParallel.detect(model, distributed)  # (collectives, no change to the model)
+    if parallel is not None and (transforms or reserve):
+        raise ExpungeError("gradient transforms (DiSK, DOPPLER, DiceSGD, coupling) and loss probes (reserve) do not "
+                           "run data parallel yet: train them in one process (distributed=False)")
     sample_rate = batch_size / n
     prior = list(prior_phases or [])
     if target_epsilon is not None:
@@ -682,11 +845,13 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
         planned = steps
         if noise_multiplier == 0:
             warnings.warn("noise_multiplier 0: training clips but adds no noise, so it is not private", stacklevel=2)
+    if parallel is not None:
+        model, seed = parallel.model, parallel.shared_seed(seed, secure_rng)
     engine = PrivacyEngine(model, optimizer, data, n=n, sample_rate=sample_rate,
                            noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
                            clipping=clipping, clip_fn=clip_fn, gamma=gamma, physical_batch_size=int(physical_batch_size),
                            steps_per_epoch=_steps_per_epoch(sample_rate), loss_reduction=loss_reduction, seed=seed,
                            secure_rng=secure_rng, target_delta=target_delta, accountant=accountant,
-                           planned_steps=planned, transforms=transforms)
+                           planned_steps=planned, transforms=transforms, distributed=parallel)
     engine.phases = prior
     return engine

@@ -23,7 +23,16 @@ the squared norms and on the clipping factors, never on the tensors. Captured te
 as the norms are computed, and what a parameter's clipped sum needs as soon as it is summed.
 
 A layer called several times in one forward (weight sharing within the module) is handled exactly:
-its calls are concatenated along the position axis before the norm is taken.
+its calls are concatenated along the position axis before the norm is taken. A parameter that several
+modules hold (tied embeddings) gets the norm of its summed per-sample gradient from each module's part and
+the cross terms between them (shared.py).
+
+A layer called on an input of one row in a forward of B > 1 rows (GPT-2 looks up its position embedding
+for position ids of shape (1, T) and lets the addition broadcast it) has that input expanded to the B rows,
+so that each row's gradient reaches the layer from that row's output gradient alone.
+
+Half and bfloat16 models keep their activations as they are; norms, per-sample gradients and clipped
+sums are computed in float32 (the widened copies a block of rows at a time where they would be large).
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..errors import ExpungeError
+from .shared import LOW_PRECISION, Dense, LowRank, Rows, wide
 
 _local = threading.local()
 
@@ -59,6 +69,8 @@ class LayerHandler:
     """Collects (input, output-gradient) pairs of one module and turns them into per-parameter
     squared per-sample norms and clipped sums."""
 
+    sums_into_others = False  # True when the clipped sum is best added into one another layer made (sparse rows)
+
     def __init__(self, name: str, module: nn.Module, params: dict[str, nn.Parameter]):
         self.name, self.module, self.params = name, module, params  # params: attribute name -> trainable parameter
         self.calls = 0  # forward calls whose output gradient is awaited
@@ -66,6 +78,9 @@ class LayerHandler:
         self.norms_sq: dict[str, torch.Tensor] | None = None
         self.scale = 1.0  # multiplies output gradients (loss reduction "mean": the batch size)
         self.free_after_sum = True  # False when the engine sums twice (DiceSGD also needs sum_i g_i)
+        self.shared: set[str] = set()  # parameters that other handlers use too (tied weights)
+        self.guarded: set[str] = set()  # parameters whose every gradient must come through handlers like this one
+        self.batch_rows = 0  # rows of the model's current forward (set by the engine; 0 when unknown)
 
     # -- capture ---------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -94,9 +109,23 @@ class LayerHandler:
         """Per-parameter (B,) squared per-sample norms; keeps what clipped_sum needs."""
         raise NotImplementedError
 
-    def clipped_sum(self, factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """sum_i factors[name][i] * g_i for each trainable parameter."""
+    def clipped_sum(self, factors: dict[str, torch.Tensor], into: dict | None = None) -> dict[str, torch.Tensor]:
+        """sum_i factors[name][i] * g_i for each trainable parameter. ``into`` may hold, by name, a running sum
+        that the handler may add its own to in place (and return): no new parameter-sized tensor then."""
         raise NotImplementedError
+
+    def per_sample(self, name: str):
+        """This layer's per-sample gradients of one parameter (unscaled) as a shared.Dense, LowRank or Rows, for
+        the cross terms of a parameter that several layers use; valid between compute_norms and clipped_sum."""
+        raise NotImplementedError
+
+    def broadcast(self, x):
+        """An input of one row in a forward of several (GPT-2's position ids, shape (1, T)) is broadcast over
+        the batch by the layers that read the output; expanded here, so that each row's gradient reaches this
+        layer apart instead of summed over the rows by autograd."""
+        if self.batch_rows > 1 and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
+            return x.expand(self.batch_rows, *x.shape[1:])
+        return x
 
     def reset(self) -> None:
         self.calls, self.pairs, self.norms_sq = 0, [], None
@@ -151,16 +180,37 @@ class _PatchedForward(LayerHandler):
             weight, bias = handler.weight_and_bias()
             if not (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
                 return handler.plain_forward(x)
+            x = handler.broadcast(x)
             handler.forward_called()
             return _CaptureLinear.apply(x, weight, bias, handler)
 
         self._original_forward = module.forward
         module.forward = types.MethodType(forward, module)
+        self._guard_parameters()
+
+    def _guard_parameters(self) -> None:
+        """The capturing forward gives autograd no gradient for these parameters: a gradient that reaches one
+        comes from a use that no handler sees (a functional x @ weight.T outside the module, a call with extra
+        arguments), whose per-sample part would escape clipping. Refused while capturing."""
+        def guard(name):
+            def hook(grad):
+                if grad is not None and capturing():  # (the capturing forward's own None passes)
+                    raise ExpungeError(
+                        f"parameter {self.name}.{name} received a gradient from a use outside its module's plain "
+                        f"forward (a functional use such as x @ {self.name}.{name}.T, or a call with extra "
+                        "arguments): per-sample clipping cannot see that use; use the parameter through its "
+                        "module (tie another module's parameter to it instead)")
+                return grad
+            return hook
+
+        self._guards = [p.register_hook(guard(name)) for name, p in self.params.items() if name in self.guarded]
 
     def detach(self) -> None:
         if hasattr(self, "_original_forward"):
             del self.module.forward  # the instance attribute goes; the class method shows through again
             del self._original_forward
+            for guard in self._guards:
+                guard.remove()
 
     def plain_forward(self, x, *args, **kwargs):
         return self._original_forward(x, *args, **kwargs)
@@ -209,33 +259,36 @@ class LinearHandler(_PatchedForward):
         s2 = self.scale * self.scale
         norms = {}
         if "weight" in self.params:
+            # per-sample gradients are kept in float32 at least: in units of what the ghost norm keeps, they
+            # cost twice as much when the activations are half or bfloat16
+            kept = T * (p + d) // 2 if a.dtype in LOW_PRECISION else T * (p + d)
             if T == 1:  # the gradient is the outer product g a^T: its norm is |a| |g|
                 norms["weight"] = _sq_rows(a[:, 0]) * _sq_rows(g[:, 0])
                 self._a, self._g = a, g
-            elif instantiate(T, p, d):  # (B, p, d): the same product autograd would do, batched by row
-                self._per_sample = torch.bmm(g.transpose(1, 2), a)
+            elif instantiate(T, p, d, kept):  # (B, p, d): the same product autograd would do, batched by row
+                self._per_sample = torch.bmm(wide(g).transpose(1, 2), wide(a))
                 norms["weight"] = _sq_rows(self._per_sample.view(B, -1))
             else:  # ghost norm <a a^T, g g^T> from two T x T Gram matrices per row
                 norms["weight"] = _ghost_norm(_gram(a, shared), _gram(g, None))
                 self._a, self._g = a, g
         if "bias" in self.params:
-            self._bias_per_sample = g.sum(1)
+            self._bias_per_sample = g.sum(1, dtype=torch.float32 if g.dtype in LOW_PRECISION else None)
             norms["bias"] = _sq_rows(self._bias_per_sample)
         if s2 != 1.0:  # the output gradients were of a mean loss: scale the norms, not the tensors
             norms = {k: v * s2 for k, v in norms.items()}
         self.norms_sq = norms
         return norms
 
-    def clipped_sum(self, factors):
+    def clipped_sum(self, factors, into=None):
         out = {}
         if "weight" in factors:
             c = factors["weight"] * self.scale if self.scale != 1.0 else factors["weight"]
             if self._per_sample is not None:
                 ps = self._per_sample
                 w = (c.to(ps.dtype).unsqueeze(0) @ ps.view(ps.shape[0], -1)).view(ps.shape[1], ps.shape[2])
+                out["weight"] = (w.t() if self.transposed else w).reshape(self.params["weight"].shape)
             else:
-                w = self._ghost_weight_sum(c)
-            out["weight"] = (w.t() if self.transposed else w).reshape(self.params["weight"].shape)
+                out["weight"] = self._ghost_weight_sum(c, (into or {}).get("weight"))
             if self.free_after_sum:  # each parameter is summed once: free what it kept
                 self._clear_weight()
         if "bias" in factors:
@@ -245,13 +298,28 @@ class LinearHandler(_PatchedForward):
                 self._bias_per_sample = None
         return out
 
-    def _ghost_weight_sum(self, c: torch.Tensor) -> torch.Tensor:
-        """sum_i c_i g_i^T a_i as one product: the factors go on the narrower of a and g."""
-        a, g = self._a, self._g
-        c = c.to(a.dtype)[:, None, None]
-        if a.shape[2] <= g.shape[2]:
-            return g.reshape(-1, g.shape[2]).t() @ (a * c).reshape(-1, a.shape[2])
-        return (g * c).reshape(-1, g.shape[2]).t() @ a.reshape(-1, a.shape[2])
+    def _ghost_weight_sum(self, c: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_i c_i g_i^T a_i (a_i^T g_i for Conv1D) as one product, in the parameter's layout, added to
+        ``total`` when given: the factors go on the narrower of a and g (in float32 at least, a block of rows
+        at a time when a and g are stored in lower precision)."""
+        for a, g, cc in _row_blocks(self._a, self._g, c):
+            a, g = wide(a), wide(g)
+            cc = cc.to(a.dtype)[:, None, None]
+            if a.shape[2] <= g.shape[2]:
+                a = a * cc
+            else:
+                g = g * cc
+            a, g = a.reshape(-1, a.shape[2]), g.reshape(-1, g.shape[2])
+            left, right = (a, g) if self.transposed else (g, a)
+            total = left.t() @ right if total is None else total.addmm_(left.t(), right)
+        return total
+
+    def per_sample(self, name):
+        if name == "bias":
+            return Dense(self._bias_per_sample)
+        if self._per_sample is not None:  # (B, p, d) in nn.Linear's layout
+            return Dense(self._per_sample.transpose(1, 2) if self.transposed else self._per_sample)
+        return LowRank(self._a, self._g) if self.transposed else LowRank(self._g, self._a)
 
     def _clear_weight(self) -> None:
         self._a = self._g = self._per_sample = None
@@ -287,8 +355,24 @@ def instantiate(T: int, p: int, d: int, kept: int | None = None) -> bool:
 
 
 def _sq_rows(v: torch.Tensor) -> torch.Tensor:
-    """Squared norm of each row of a (B, ...) tensor (vector_norm makes no (B, n) temporary; vecdot does)."""
-    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1).square()
+    """Squared norm of each row of a (B, ...) tensor, in float32 at least (vector_norm makes no (B, n)
+    temporary; vecdot does)."""
+    dtype = torch.float32 if v.dtype in LOW_PRECISION else None
+    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1, dtype=dtype).square()
+
+
+WIDE_BLOCK = 1 << 24  # numbers per block when low-precision tensors are widened to float32 for a product
+
+
+def _row_blocks(*tensors: torch.Tensor):
+    """The tensors (all with the batch's rows first) whole, or in blocks of rows when one is half or bfloat16
+    and would be widened to float32 (so that the widened copies stay near WIDE_BLOCK numbers)."""
+    if not any(t.dtype in LOW_PRECISION for t in tensors):
+        yield tensors
+        return
+    step = max(1, WIDE_BLOCK // max(1, sum(t[0].numel() for t in tensors)))
+    for start in range(0, tensors[0].shape[0], step):
+        yield tuple(t[start:start + step] for t in tensors)
 
 
 _GRAMS: dict[int, tuple] = {}  # id(input tensor) -> (weak reference, its Gram blocks, version)
@@ -305,11 +389,16 @@ def _gram(a: torch.Tensor, source: torch.Tensor | None) -> tuple[torch.Tensor, .
         if hit is not None and hit[0]() is source and hit[2] == source._version and hit[3] == a.shape:
             return hit[1]
     T = a.shape[1]
-    if T < _BLOCKED_FROM:
-        gram = (torch.bmm(a, a.transpose(1, 2)),)
-    else:
-        a1, a2 = a[:, :T // 2], a[:, T // 2:]
-        gram = (torch.bmm(a1, a1.transpose(1, 2)), torch.bmm(a2, a2.transpose(1, 2)), torch.bmm(a1, a2.transpose(1, 2)))
+    parts = []
+    for (block,) in _row_blocks(a):  # widened to float32 a block of rows at a time
+        block = wide(block)
+        if T < _BLOCKED_FROM:
+            parts.append((torch.bmm(block, block.transpose(1, 2)),))
+        else:
+            a1, a2 = block[:, :T // 2], block[:, T // 2:]
+            parts.append((torch.bmm(a1, a1.transpose(1, 2)), torch.bmm(a2, a2.transpose(1, 2)),
+                          torch.bmm(a1, a2.transpose(1, 2))))
+    gram = parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))
     if source is not None:
         _GRAMS[key] = (weakref.ref(source, lambda _, k=key: _GRAMS.pop(k, None)), gram, source._version, a.shape)
     return gram
@@ -365,7 +454,7 @@ class ConvHandler(LinearHandler):
             [0] * (x.dim() - 2), groups, (False, True, False))[1]
 
     def compute_norms(self):
-        xs, grs = [x for x, _ in self.pairs], [gr for _, gr in self.pairs]
+        xs, grs = [wide(x) for x, _ in self.pairs], [wide(gr) for _, gr in self.pairs]
         self._release_pairs()
         self._xs = self._grs = self._per_sample = self._bias_per_sample = None
         B, p = grs[0].shape[0], grs[0].shape[1]
@@ -374,7 +463,7 @@ class ConvHandler(LinearHandler):
         kept = sum(x[0].numel() for x in xs) + L * p  # per row: what the ghost norm keeps (inputs, gradients)
         norms = {}
         if "weight" in self.params:
-            if instantiate(L, p, d, kept):
+            if "weight" in self.shared or instantiate(L, p, d, kept):  # a shared weight's cross terms: dense
                 ps = None
                 for x, gr in zip(xs, grs):
                     g_i = self._weight_grad(x, gr, groups=B).view(B, p, d)
@@ -397,14 +486,18 @@ class ConvHandler(LinearHandler):
         self.norms_sq = norms
         return norms
 
-    def _ghost_weight_sum(self, c: torch.Tensor) -> torch.Tensor:
-        """sum_i c_i g_i: the weight gradient with each row's input or output gradient weighted."""
+    def per_sample(self, name):
+        return Dense(self._bias_per_sample if name == "bias" else self._per_sample)
+
+    def _ghost_weight_sum(self, c: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_i c_i g_i: the weight gradient with each row's input or output gradient weighted (added to
+        ``total`` when given)."""
         w = None
         for x, gr in zip(self._xs, self._grs):
             cw = c.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
             term = self._weight_grad(x * cw, gr) if x.numel() <= gr.numel() else self._weight_grad(x, gr * cw)
             w = term if w is None else w + term
-        return w
+        return w if total is None else total.add_(w.reshape(total.shape))
 
     def _clear_weight(self) -> None:
         self._xs = self._grs = self._per_sample = None
@@ -430,17 +523,21 @@ class _CaptureEmbedding(torch.autograd.Function):
 
 
 class EmbeddingHandler(_PatchedForward):
+    sums_into_others = True  # its clipped sum touches a few rows: added into a tied head's sum, not into zeros
+
     def attach(self) -> None:
         handler, module = self, self.module
 
         def forward(mod, ids):
             if not capturing() or not torch.is_grad_enabled():
                 return handler._original_forward(ids)
+            ids = handler.broadcast(ids)
             handler.forward_called()
             return _CaptureEmbedding.apply(ids, mod.weight, handler)
 
         self._original_forward = module.forward
         module.forward = types.MethodType(forward, module)
+        self._guard_parameters()
 
     def _tokens(self):
         ids = [i.reshape(i.shape[0], -1) for i, _ in self.pairs]
@@ -456,16 +553,24 @@ class EmbeddingHandler(_PatchedForward):
         self._release_pairs()
         self._ids, self._g = ids, g
         same = ids.unsqueeze(2) == ids.unsqueeze(1)
-        norms = (torch.bmm(g, g.transpose(1, 2)).masked_fill_(~same, 0)).sum((1, 2))
+        wg = wide(g)
+        norms = (torch.bmm(wg, wg.transpose(1, 2)).masked_fill_(~same, 0)).sum((1, 2))
         self.norms_sq = {"weight": norms * (self.scale * self.scale) if self.scale != 1.0 else norms}
         return self.norms_sq
 
-    def clipped_sum(self, factors):
+    def clipped_sum(self, factors, into=None):
         c = factors["weight"] * self.scale if self.scale != 1.0 else factors["weight"]
-        g = (self._g * c.to(self._g.dtype)[:, None, None]).reshape(-1, self._g.shape[-1])
-        out = torch.zeros_like(self.params["weight"])
+        g = wide(self._g)
+        g = (g * c.to(g.dtype)[:, None, None]).reshape(-1, g.shape[-1])
+        out = (into or {}).get("weight")
+        if out is None:
+            # (shape, not zeros_like: under FSDP2 the parameter is a sharded DTensor; the sum is whole)
+            out = torch.zeros(self.params["weight"].shape, dtype=g.dtype, device=g.device)
         out.index_add_(0, self._ids.reshape(-1), g)
         return {"weight": out}
+
+    def per_sample(self, name):
+        return Rows(self._ids, self._g)
 
     def _clear_state(self):
         self._ids = self._g = None
@@ -478,11 +583,20 @@ class EmbeddingHandler(_PatchedForward):
 class _HookedLayer(LayerHandler):
     def attach(self) -> None:
         self._hook = self.module.register_forward_hook(self._forward_hook, with_kwargs=True)
+        self._pre_hook = self.module.register_forward_pre_hook(self._expand_broadcast)
 
     def detach(self) -> None:
         if hasattr(self, "_hook"):
             self._hook.remove()
-            del self._hook
+            self._pre_hook.remove()
+            del self._hook, self._pre_hook
+
+    def _expand_broadcast(self, module, args):
+        if args and capturing() and torch.is_grad_enabled():
+            first = self.broadcast(args[0])
+            if first is not args[0]:
+                return (first, *args[1:])
+        return None
 
     def _forward_hook(self, module, args, kwargs, output):
         if not capturing() or not torch.is_grad_enabled():
@@ -514,12 +628,15 @@ class _HookedLayer(LayerHandler):
             for name, value in self.per_sample_call(inputs, kwargs, g).items():
                 total[name] = total[name] + value if name in total else value
         self._release_pairs()
-        self._per_sample = total  # of the unscaled output gradients: the scale goes on norms and factors
+        self._per_sample = {name: wide(v) for name, v in total.items()}  # unscaled: the scale goes on norms, factors
         s2 = self.scale * self.scale
         self.norms_sq = {name: _sq_rows(v) * s2 if s2 != 1.0 else _sq_rows(v) for name, v in total.items()}
         return self.norms_sq
 
-    def clipped_sum(self, factors):
+    def per_sample(self, name):
+        return Dense(self._per_sample[name])
+
+    def clipped_sum(self, factors, into=None):
         out = {}
         for name, c in factors.items():
             c = c * self.scale if self.scale != 1.0 else c
@@ -534,7 +651,7 @@ class NormHandler(_HookedLayer):
     """LayerNorm, GroupNorm, RMSNorm: weight gradient is (dL/dy * x_hat) summed over non-parameter axes."""
 
     def per_sample_call(self, inputs, kwargs, g):
-        m, x = self.module, inputs[0]
+        m, x, g = self.module, wide(inputs[0]), wide(g)
         if isinstance(m, nn.LayerNorm):
             x_hat = F.layer_norm(x, m.normalized_shape, eps=m.eps)
             axes = tuple(range(1, x.dim() - len(m.normalized_shape)))
@@ -558,7 +675,12 @@ class FunctionalHandler(_HookedLayer):
     def per_sample_call(self, inputs, kwargs, g):
         """Tensor arguments (positional or keyword) whose first dimension is the batch are split by row;
         anything else (a shared causal mask, a flag) is passed whole to every row."""
-        params = {name: p.detach() for name, p in self.params.items()}
+        # in float32 at least: a module stored in bfloat16 gets its per-sample gradients from a float32 copy
+        # the module's own parameters as they are now (FSDP2 swaps in unsharded ones for the forward)
+        params = {name: wide(getattr(self.module, name).detach()) for name in self.params}
+        g = wide(g)
+        inputs = tuple(wide(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inputs)
+        kwargs = {k: wide(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
         batch = g.shape[0]
         per_row = [isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch for a in inputs]
         kw_rows = {k: v.detach() for k, v in kwargs.items()
@@ -625,9 +747,10 @@ def handler_for(name: str, module: nn.Module, params: dict[str, nn.Parameter]) -
 
 
 def build_handlers(model: nn.Module) -> list[LayerHandler]:
-    """One handler per module that owns trainable parameters, in registration order. Frozen parameters
-    are skipped; a parameter owned by two modules (tied weights) is refused."""
-    handlers, owner = [], {}
+    """One handler per module that owns trainable parameters, in registration order. Frozen parameters are
+    skipped. A parameter that several modules hold (tied input and output embeddings) is marked as shared
+    in each of their handlers: the engine adds the cross terms of its uses (see shared.py)."""
+    handlers, users = [], {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):  # even frozen, it mixes the rows of a batch
             raise ExpungeError(f"module {name} ({type(module).__name__}): {REFUSED['BatchNorm']}")
@@ -636,15 +759,17 @@ def build_handlers(model: nn.Module) -> list[LayerHandler]:
             continue
         if any(h.module is module for h in handlers):
             continue  # the same module registered twice: one handler sees all its calls
+        handler = handler_for(name, module, params)
+        handlers.append(handler)
         for pname, p in params.items():
-            full = f"{name}.{pname}" if name else pname
-            if id(p) in owner and owner[id(p)] != full:
-                raise ExpungeError(
-                    f"parameter {full} is the same tensor as {owner[id(p)]} (tied weights); per-sample norms of a "
-                    "parameter used by two modules are not supported: untie them (for transformers, "
-                    "tie_word_embeddings=False) or freeze one")
-            owner[id(p)] = full
-        handlers.append(handler_for(name, module, params))
+            users.setdefault(id(p), []).append((handler, pname))
+    for uses in users.values():
+        if len(uses) > 1:
+            for handler, pname in uses:
+                handler.shared.add(pname)
+        if all(isinstance(h, _PatchedForward) for h, _ in uses):  # autograd computes none of its gradient
+            handler, pname = uses[0]
+            handler.guarded.add(pname)
     return handlers
 
 

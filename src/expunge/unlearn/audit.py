@@ -5,7 +5,7 @@ ids digest and signature), the manifest against the chain's head, every file of 
 against the manifest, and the model hash of every retained version from its weights. It reports each
 mismatch with its fix instead of stopping at the first.
 
-A receipt is one ledger row, self-contained: the row's body (the request, the guarantee, the model
+A receipt is one ledger row (one request: a batch's requests share a version and each has its row), self-contained: the row's body (the request, the guarantee, the model
 hashes), its hash, its signature, and the signing key's public half. A third party checks it without the
 run (``check_receipt``: hash and signature, against the operator's published key when given) and, given
 the run, that the run's ledger still holds exactly that row.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..artifact import FORMAT, OLD_FORMATS, RunDirectory, fsync_path, write_atomic
 from ..errors import ExpungeError
-from ..integrity import Problem, Reconciliation, check_entry, manifest_digest, reconcile
+from ..integrity import Problem, Reconciliation, check_entry, manifest_digest, manifest_rows, reconcile
 from ..ledger import Entry, Ledger, ids_digest, make_entry, now
 from ..signing import ED25519, load_signer, verifier_from_pem
 from .registry import run_class
@@ -93,17 +93,19 @@ def verify_run(path, verifier=None, pinned: bool = False) -> Verification:
     rows = state.entries or []
     result.checked.append(f"ledger: {len(rows)} row(s), their hashes and links" +
                           (f", signatures against key {key.key_id}" if key is not None and manifest.get("signing") else ""))
-    if state.pending is not None:
-        result.problems.append(Problem("ledger.sqlite", f"it lacks row {state.pending.seq} (version "
-                                       f"{state.pending.version}), which the manifest holds, chained to the ledger's "
-                                       "last row (a crash between commit and append, or a removed last row)",
-                                       "the next forget or add appends it from the manifest; nothing is lost"))
+    if state.pending_rows:
+        seqs = [e.seq for e in state.pending_rows]
+        rows = f"row {seqs[0]}" if len(seqs) == 1 else f"rows {seqs[0]}..{seqs[-1]}"
+        result.problems.append(Problem("ledger.sqlite", f"it lacks {rows} (version {state.pending.version}), which the "
+                                       "manifest holds, chained to the ledger's last row (a crash between commit and "
+                                       "append, or removed last rows)",
+                                       "the next forget or add appends them from the manifest; nothing is lost"))
     result.checked.append(f"manifest: version {manifest['version']}, digest and model hash against ledger row "
                           f"{manifest.get('ledger', {}).get('length')}")
     files = run.check_files(manifest)
     result.problems += files
     result.checked.append(f"files: {len(manifest['files'])} of version {manifest['version']}"
-                          + (" and base.npz" if manifest["data"].get("base_sha256") else ""))
+                          + (f" and {manifest['data'].get('base_file', 'base.npz')}" if manifest["data"].get("base_sha256") else ""))
     current = run.current(manifest)
     for folder in sorted(p for p in run.versions.iterdir() if p.is_dir()) if run.versions.is_dir() else []:
         if folder != current:
@@ -130,18 +132,29 @@ def verify_run(path, verifier=None, pinned: bool = False) -> Verification:
 # ------------------------------------------------------------------ receipts
 
 
-def make_receipt(path, version: int) -> dict:
-    """The receipt of the request that made ``version`` (the run must pass its integrity check)."""
+def make_receipt(path, version: int | None = None, seq: int | None = None) -> dict:
+    """The receipt of one request: the one that made ``version``, or the one in ledger row ``seq`` (a version made by
+    a batch holds a row per request). The run must pass its integrity check."""
+    if (version is None) == (seq is None):
+        raise ExpungeError("name the request by its version or by its ledger row (seq), one of the two")
     run = RunDirectory(path)
     manifest = run.read_manifest()
     state = reconcile(manifest, run.ledger, str(run.path), full=True, verifier=reading_verifier(manifest))
     if state.problems:
         raise refusal(state.problems, run.path)
-    rows = (state.entries or []) + ([state.pending] if state.pending else [])
-    found = [e for e in rows if e.version == version]
-    if not found:
-        raise ExpungeError(f"{run.path} has no ledger row for version {version}; its versions are "
-                           f"{', '.join(str(e.version) for e in rows)}")
+    rows = (state.entries or []) + state.pending_rows
+    if seq is not None:
+        found = [e for e in rows if e.seq == seq]
+        if not found:
+            raise ExpungeError(f"{run.path} has no ledger row {seq}; its rows are 1..{len(rows)}")
+    else:
+        found = [e for e in rows if e.version == version]
+        if not found:
+            raise ExpungeError(f"{run.path} has no ledger row for version {version}; its versions are "
+                               f"{', '.join(str(v) for v in dict.fromkeys(e.version for e in rows))}")
+        if len(found) > 1:
+            raise ExpungeError(f"version {version} of {run.path} was made by a batch of {len(found)} requests (ledger rows "
+                               f"{found[0].seq}..{found[-1].seq}); name one request's row with --seq")
     entry = found[0]
     signer, signing = entry.body.get("signer"), manifest.get("signing")
     key = None
@@ -226,12 +239,10 @@ def _rows_with_pending(path) -> list[Entry]:
     run = RunDirectory(path)
     try:
         rows = run.ledger.read()
-        last = run.read_manifest().get("last_entry")
+        held = manifest_rows(run.read_manifest())
     except ExpungeError:
         return []
-    if last and (not rows or rows[-1].seq < last["seq"]):
-        rows.append(Entry.from_dict(last))
-    return rows
+    return rows + [e for e in held if isinstance(e.body.get("seq"), int) and (not rows or e.seq > rows[-1].seq)]
 
 
 # ------------------------------------------------------------------ migration

@@ -6,10 +6,13 @@ from .certified import CertifiedFitted, CertifiedRemoval
 from .deltagrad import DeltaGrad
 from .fisher import Fisher
 from .fitted import Fitted
+from .lm_run import LMPrivateTraining, LMRetrain, LMRun, PrivateLMRun
+from .merged import Merge, MergedFitted
 from .private import PrivateFitted, PrivateTraining
-from .registry import CERTIFIED, EXACT, GRADIENT_RUN, OWN_RUN, PRIVATE, Method, register
+from .registry import CERTIFIED, EXACT, GRADIENT_RUN, LM_RUN, OWN_RUN, PRIVATE, Method, register
 from .retrain import Retrain
 from .sisa import SISA, SISAFitted
+from .tradeoff import Tradeoff
 
 register(Method("deltagrad", DeltaGrad, Fitted, GRADIENT_RUN, "fast, approximate, from the cached trajectory"))
 register(Method("retrain", Retrain, Fitted, GRADIENT_RUN, "exact", reference=True, keeps=(EXACT,)))
@@ -25,3 +28,14 @@ register(Method("fisher", Fisher, Fitted, GRADIENT_RUN, "Fisher-noise scrubbing"
 register(Method("finetune", FineTune, Fitted, GRADIENT_RUN, "fine-tuning on the remaining rows"))
 register(Method("ascent", GradientAscent, Fitted, GRADIENT_RUN,
                 "gradient ascent on the forgotten rows"))
+register(Method("tradeoff", Tradeoff, Fitted, GRADIENT_RUN,
+                "a chosen point between a model and its deletion (`expunge tradeoff`); no guarantee by construction, "
+                "its forget and retain metrics evaluated", serves=("tradeoff",)))
+register(Method("merge", Merge, MergedFitted, OWN_RUN,
+                "a merged model (`expunge merge`); no updates: forget in the merged runs and merge again", serves=()))
+register(Method("lm-retrain", LMRetrain, LMRun, LM_RUN,
+                "exact retraining of a language model (what retrain means on an LM run)", reference=True,
+                keeps=(EXACT,), alias="retrain"))
+register(Method("lm-dp", LMPrivateTraining, PrivateLMRun, OWN_RUN,
+                "exact private retraining of a language model (what dp means on an LM run); runs trained with "
+                "--task lm --dp", reference=True, holds=(PRIVATE,), keeps=(PRIVATE, EXACT), alias="dp"))

@@ -42,7 +42,7 @@ from ..data import IndexedDataset
 from ..errors import ExpungeError
 from ..models import weights_hash
 from .base import UpdateReport
-from .run import RunModel
+from .run import TabularRun
 
 GAMMA = 0.25  # Lipschitz constant of the logistic loss's second derivative used by the paper
 WEIGHTS, STATE, PRECONDITIONER = "weights.safetensors", "certified.json", "cache/preconditioner.safetensors"
@@ -244,6 +244,8 @@ class CertifiedRemoval:
         if recipe is not None and getattr(recipe, "model", "logreg") != "logreg":
             raise ExpungeError(f"certified removal needs a linear model, not {recipe.model!r}; for a deep net, train a "
                                "certified linear head on features from a fixed extractor (expunge.unlearn.certified.extract_features)")
+        if getattr(recipe, "lr_auto", False):
+            raise ExpungeError("certified removal solves its objective exactly and has no learning rate: drop lr_auto")
         return CertifiedFitted.train(data, self.settings, out=out, test=test, source=source, preprocess=preprocess,
                                      signing_key=signing_key)
 
@@ -282,7 +284,7 @@ class LinearScores(torch.nn.Module):
         return torch.cat([torch.zeros_like(scores), scores], 1) if scores.shape[1] == 1 else scores
 
 
-class CertifiedFitted(RunModel):
+class CertifiedFitted(TabularRun):
     """A certified linear model bound to its run directory; removals spend the epsilon budget."""
 
     own_retraining = True  # "retrain" retrains with fresh noise: the certificate starts over, it is kept

@@ -18,8 +18,8 @@ from ..recipe import BatchPlan, TrainRecipe
 from ..train import Workspace, train
 from ..trajectory import Trajectory
 from .base import UpdateReport, Updater
-from .registry import OWN_RUN, find, make_updater
-from .run import RunModel
+from .registry import OWN_RUN, find, make_updater, run_class
+from .run import RunModel, TabularRun
 
 WEIGHTS, TRAJECTORY = "weights.safetensors", "trajectory"
 
@@ -33,7 +33,7 @@ class FitMixin:
                             signing_key=signing_key)
 
 
-class Fitted(RunModel):
+class Fitted(TabularRun):
     def __init__(self, run, manifest: dict, universe: IndexedDataset, active: np.ndarray,
                  test: IndexedDataset | None, w: torch.Tensor | None = None, w0: torch.Tensor | None = None,
                  trajectory: Trajectory | None = None):
@@ -45,6 +45,14 @@ class Fitted(RunModel):
         self.plan = BatchPlan.for_recipe(self.recipe, self.n_base)
         self.ws = self._workspace(universe)
         self.updater = make_updater(manifest["method"]["name"], **manifest["method"]["config"])
+
+    @property
+    def rates(self) -> np.ndarray | None:
+        """The learning rate applied at each iteration of the current model's training (None for runs written before
+        rates were recorded, or after an update that leaves no trajectory)."""
+        if self.trajectory is None or self.trajectory.rates is None:
+            return None
+        return np.asarray(self.trajectory.rates)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -67,6 +75,23 @@ class Fitted(RunModel):
         pred = self.flat.predict(self.w if w is None else w, X).numpy()
         return float((pred == data.y).mean())
 
+    # ------------------------------------------------------------------ merging (see RunModel)
+
+    def architecture(self) -> dict:
+        return {"kind": "zoo", "model": self.recipe.model, "hidden": list(self.recipe.hidden), "dtype": self.recipe.dtype,
+                "n_features": self.universe.n_features, "n_classes": self.n_classes, "n_params": self.flat.n_params}
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {"w": self.w}
+
+    def state_accuracy(self, data: IndexedDataset):
+        X = torch.from_numpy(data.X).to(self.flat.dtype)
+        return lambda state: float((self.flat.predict(state["w"], X).numpy() == data.y).mean())
+
+    def write_merged(self, state: dict[str, torch.Tensor], out, record: dict, files: dict[str, bytes],
+                     signing_key=None) -> RunModel:
+        return run_class("merge").create(self, state["w"], out, record, files, signing_key)
+
     def _workspace(self, universe: IndexedDataset) -> Workspace:
         dtype = DTYPES[self.recipe.dtype]
         return Workspace(self.flat, self.recipe, self.plan, torch.from_numpy(universe.X).to(dtype),
@@ -75,13 +100,15 @@ class Fitted(RunModel):
     @classmethod
     def train(cls, data: IndexedDataset, recipe: TrainRecipe, updater: "str | Updater" = "deltagrad", out=None,
               test: IndexedDataset | None = None, source: str | None = None, progress: bool = False,
-              preprocess: dict | None = None, signing_key=None) -> "Fitted":
+              preprocess: dict | None = None, signing_key=None, init: Fitted | None = None) -> Fitted:
         """Train on ``data`` and write a new run directory at ``out`` (a temporary one if omitted).
 
         ``source`` is the spec ``load_dataset`` reads the data back from; without it the data is
         stored in the run directory; ``preprocess`` (``data.preprocess`` arguments) is re-applied to it
         when the run is reopened. ``signing_key`` (a key file; default $EXPUNGE_SIGNING_KEY) signs the
-        run's ledger rows from the first on.
+        run's ledger rows from the first on. ``init``: fine-tune from this run's current model instead of
+        the recipe's initialisation (it becomes w0, so updates and exact retraining start from it too);
+        the manifest records it, which is how `expunge merge` knows the runs share a base.
         """
         updater = make_updater(updater)
         if getattr(find(updater.name), "updates", None) == OWN_RUN:
@@ -89,6 +116,7 @@ class Fitted(RunModel):
         if recipe.optimizer != "SGD":
             raise ExpungeError(f"DeltaGrad and exact retraining replay plain SGD, not {recipe.optimizer}; "
                                "use --method sisa for other optimizers")
+        _check_auto_rate(recipe, updater.name)
 
         def fit(fitted: "Fitted", stage: Path):
             trajectory = Trajectory.create(stage / TRAJECTORY, fitted.plan.n_iterations, fitted.flat.n_params,
@@ -96,20 +124,24 @@ class Fitted(RunModel):
             w = train(fitted.ws, fitted.active, fitted.w0, trajectory, progress)
             return "train", w, trajectory, {"kind": "exact", "iterations": fitted.plan.n_iterations}
 
-        return cls._train_run(data, recipe, updater, out, test, source, preprocess, fit, signing_key)
+        return cls._train_run(data, recipe, updater, out, test, source, preprocess, fit, signing_key, init)
 
     @classmethod
     def _train_run(cls, data: IndexedDataset, recipe: TrainRecipe, updater: Updater, out, test, source, preprocess,
-                   fit, signing_key=None) -> "Fitted":
+                   fit, signing_key=None, init: Fitted | None = None) -> Fitted:
         """Make the run directory, train with ``fit(fitted, stage) -> (method, w, trajectory, guarantee)``
         and commit the first version (a failed training leaves no run behind)."""
         run, manifest, created, signer = cls._new_run(data, out, test, source,
                                                       {"name": updater.name, "config": updater.config()}, preprocess,
                                                       signing_key)
         manifest["recipe"] = recipe.to_dict()
+        if init is not None:
+            manifest["init"] = init.init_record()
         with cls._creating(run, manifest, created, data, test, source):
             fitted = cls(run, manifest, data, np.ones(len(data), bool), test)
-            fitted.w0, fitted._signer = fitted.flat.get_flat(), signer
+            if init is not None:
+                fitted.check_same_architecture(init, "--init")
+            fitted.w0, fitted._signer = (fitted.flat.get_flat() if init is None else init.w.clone()), signer
             with run.staging() as stage:
                 start = time.perf_counter()
                 method, w, trajectory, guarantee = fit(fitted, stage)
@@ -140,6 +172,7 @@ class Fitted(RunModel):
         updater = self.updater if method is None else make_updater(method)
         if not hasattr(updater, "update"):  # certified, sisa: they train runs of their own
             raise ExpungeError(f"{updater.name} needs a run trained for it (expunge train --method {updater.name})")
+        _check_auto_rate(self.recipe, updater.name)
         if getattr(updater, "reads_trajectory", False) and self.trajectory is None and self.trajectory_problem:
             raise ExpungeError(f"the cached trajectory is damaged ({self.trajectory_problem}); update with --method "
                                "retrain, which rebuilds it")
@@ -156,6 +189,8 @@ class Fitted(RunModel):
                 # scrubbing and fine-tuning leave no trajectory: DeltaGrad needs a retrain after them
                 shutil.rmtree(stage / TRAJECTORY)
                 trajectory = None
+            for name, content in getattr(updater, "evidence", {}).items():  # files the update is judged by
+                (stage / name).write_bytes(content)
             metrics = self._metrics(w, new_active)
             metrics["dist_to_previous"] = float((w - self.w).norm())
             if compare and not getattr(find(updater.name), "reference", False):  # else it is the reference
@@ -197,3 +232,12 @@ class Fitted(RunModel):
                 self.ws = ws
 
         self._commit(stage, report, universe, active, adopt, changes)
+
+
+def _check_auto_rate(recipe: TrainRecipe, method: str) -> None:
+    """GeN's rates depend on the rows (its probes read them): only exact retraining recomputes them without the
+    removed rows. Every other method keeps or replays rates that removed rows helped choose."""
+    if recipe.lr_auto and method != "retrain":
+        raise ExpungeError(f"this run's learning rate is automatic (GeN, --lr auto): its rates depend on the rows, so "
+                           f"only exact retraining recomputes them without a removed row; use --method retrain, not "
+                           f"{method}")

@@ -5,6 +5,11 @@ manifest records, the benchmark harness. The registry maps each name to the upda
 its updates, the run class that opens runs trained with it, and the kind of run it can update. It is
 filled once, in catalog.py; run.py and fitted.py look names up here, so no method module imports another
 and a new method is one new module plus one ``register`` line in catalog.py.
+
+Runs come in kinds: ``tabular`` (features and labels) and ``lm`` (language models on a corpus). Names are
+unique across kinds; a method of one kind may answer to another kind's name on its own runs (``alias``):
+``lm-retrain`` is what ``retrain`` means on a language-model run, ``lm-dp`` what ``dp`` means. A request
+names a method as the user says it; ``resolve(name, kind)`` gives the registered name for the run's kind.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ from ..errors import ExpungeError
 # what kind of run a method can update
 GRADIENT_RUN = "gradient"  # any run trained by gradient descent on the zoo models (Fitted and its subclasses)
 OWN_RUN = "own"            # only a run trained with this very method (it keeps state of its own)
+LM_RUN = "lm-run"          # any language-model run (LMRun and its subclasses)
+
+# kinds of run (a run class's ``kind``)
+TABULAR = "tabular"  # features and labels (IndexedDataset)
+LM = "lm"            # a causal language model on a corpus of texts (expunge.lm.Corpus)
+KIND_NAMES = {TABULAR: "tabular", LM: "language-model"}  # as messages say them: "a language-model run"
 
 # guarantees a run can promise for its whole life, and that an update keeps or ends
 PRIVATE = "private"      # the model is (epsilon, delta)-differentially private
@@ -34,10 +45,12 @@ class Method:
     reference: bool = False  # its result is the exact reference itself (no extra retraining to compare)
     holds: tuple[str, ...] = ()  # what a run trained with this method promises (kept until an update ends it)
     keeps: tuple[str, ...] = ()  # which of those promises an update by this method keeps
+    alias: str | None = None  # the name it answers to on runs of its kind (another kind's method name)
+    serves: tuple[str, ...] = ("forget", "add")  # the requests it computes (a run's `kind` of update)
 
     def __post_init__(self):
-        if self.updates not in (GRADIENT_RUN, OWN_RUN):
-            raise ValueError(f"method {self.name}: updates must be {GRADIENT_RUN!r} or {OWN_RUN!r}")
+        if self.updates not in (GRADIENT_RUN, OWN_RUN, LM_RUN):
+            raise ValueError(f"method {self.name}: updates must be {GRADIENT_RUN!r}, {OWN_RUN!r} or {LM_RUN!r}")
         unknown = (set(self.holds) | set(self.keeps)) - set(GUARANTEES)
         if unknown:
             raise ValueError(f"method {self.name}: unknown guarantees {sorted(unknown)}")
@@ -55,9 +68,33 @@ def register(method: Method) -> Method:
     return method
 
 
-def names(updates: str | None = None) -> list[str]:
-    """Registered method names, in registration order (optionally only those updating ``updates`` runs)."""
-    return [m.name for m in _METHODS.values() if updates is None or m.updates == updates]
+def kind_of(method: Method) -> str:
+    """The kind of run a method updates: language-model runs for LM methods, else its run class's kind."""
+    return LM if method.updates == LM_RUN else getattr(method.run, "kind", TABULAR)
+
+
+def resolve(name: str, kind: str) -> str:
+    """The registered name ``name`` means on a run of ``kind``: itself when it is registered for that kind (or
+    not at all), else the method of that kind that answers to it (``retrain`` on an LM run: ``lm-retrain``)."""
+    found = _METHODS.get(name)
+    if found is None or kind_of(found) == kind:
+        return name
+    for method in _METHODS.values():
+        if method.alias == name and kind_of(method) == kind:
+            return method.name
+    return name
+
+
+def runs_of_kind(kind: str) -> list[str]:
+    """The names (as said on such runs: aliases first) of the methods that update runs of ``kind``."""
+    return [f"{m.alias} ({m.name})" if m.alias else m.name for m in _METHODS.values() if kind_of(m) == kind]
+
+
+def names(updates: str | None = None, serves: str | None = None) -> list[str]:
+    """Registered method names, in registration order (optionally only those updating ``updates`` runs, only
+    those serving ``serves`` requests)."""
+    return [m.name for m in _METHODS.values()
+            if (updates is None or m.updates == updates) and (serves is None or serves in m.serves)]
 
 
 def get(name: str) -> Method:
@@ -83,6 +120,6 @@ def run_class(name: str) -> type:
     return get(name).run
 
 
-def help_text() -> str:
-    """'name (summary), ...' for every method, for --help."""
-    return "; ".join(f"{m.name} ({m.summary})" for m in _METHODS.values())
+def help_text(serves: str | None = None) -> str:
+    """'name (summary), ...' for every method (serving ``serves`` requests), for --help."""
+    return "; ".join(f"{m.name} ({m.summary})" for m in _METHODS.values() if serves is None or serves in m.serves)

@@ -30,7 +30,7 @@ from ..errors import ExpungeError
 from ..models import DTYPES, FlatModel, build_model, weights_hash
 from ..recipe import TrainRecipe, _mix64
 from .base import UpdateReport
-from .run import RunModel
+from .run import TabularRun
 
 FOLDER, ASSIGNMENT = "sisa", "sisa/assignment.npz"
 
@@ -201,7 +201,7 @@ class SISA:
                                 signing_key=signing_key)
 
 
-class SISAFitted(RunModel):
+class SISAFitted(TabularRun):
     def __init__(self, run, manifest, universe, active, test, shard, slice_, checkpoints):
         super().__init__(run, manifest, universe, active, test)
         self.recipe = TrainRecipe.from_dict(manifest["recipe"])
@@ -268,6 +268,9 @@ class SISAFitted(RunModel):
               source=None, preprocess: dict | None = None, signing_key=None) -> "SISAFitted":
         if settings.shards > len(data):
             raise ExpungeError(f"{settings.shards} shards for {len(data)} rows: use at most one shard per row")
+        if recipe.lr_auto:
+            raise ExpungeError("SISA does not set its shards' rates with GeN yet: give a fixed --lr (lr_auto is for "
+                               "runs updated by exact retraining)")
         run, manifest, created, signer = cls._new_run(data, out, test, source,
                                                       {"name": "sisa", "config": asdict(settings)}, preprocess,
                                                       signing_key)

@@ -1,0 +1,222 @@
+"""`expunge train --task lm`, `forget --ids/--group`, `info`, `ledger`, `verify`, `receipt` on language-model runs
+(a tiny Llama, seconds each). Bad input exits with code 2, says what is wrong and writes nothing."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from .helpers import assert_clean_failure, invoke, snapshot, squash, write_ids
+
+missing = [m for m in ("transformers", "tokenizers", "peft") if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(bool(missing), reason=f"the lm extra is not installed ({missing})")
+
+TINY = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                   "num_key_value_heads": 2})
+LM = ["--task", "lm", "--model", "tiny-llama", "--tiny-config", TINY, "--vocab-size", "300", "--max-length", "128",
+      "--batch-size", "2", "--lr", "0.05", "--epochs", "2", "--seed", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def qa_file(folder, n=24, name="qa.json"):
+    from ..lm.tiny import write_qa
+
+    return write_qa(folder, n, name)
+
+
+def train(tmp_path, *extra, n=24, name="run"):
+    data = qa_file(tmp_path, n, f"{name}.json")
+    out = tmp_path / name
+    result = invoke("train", "--data", data, "--out", out, *LM, *extra, "--json", tmp_path / f"{name}-train.json")
+    assert result.exit_code == 0, result.output
+    return out, data, result
+
+
+def test_train_forget_info_ledger_verify_receipt(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expunge.lm import load_corpus, prepare, train_lm, weights_hash
+    from expunge.lm.recipe import LMRecipe
+
+    run, data, result = train(tmp_path)
+    assert squash("trained tiny-llama") in squash(result.stdout) and "from_pretrained" in result.stdout
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["method"]["name"] == "lm-retrain" and manifest["recipe"]["model"] == "tiny-llama"
+    assert manifest["lm"]["threads"] == 1 and manifest["data"]["source"] == [str(data.resolve())]
+    assert json.loads((tmp_path / "run-train.json").read_text())["kind"] == "train"
+
+    info = invoke("info", run, "--json", tmp_path / "info.json")
+    assert info.exit_code == 0, info.output
+    summary = json.loads((tmp_path / "info.json").read_text())
+    assert summary["lm"]["groups"] == {"author-0": {"rows": 20, "deleted": 0}, "author-1": {"rows": 4, "deleted": 0}}
+    assert summary["lm"]["model_path"] == str(run / "versions" / "000001" / "model")
+    assert "author-1 4" in info.stdout and squash("versions/000001/model") in squash(info.stdout)
+
+    ids = write_ids(tmp_path / "ids.txt", [2, 9])
+    forget = invoke("forget", run, "--ids", ids, "--method", "retrain", "--requested-by", "dpo@example.org",
+                    "--reason", "GDPR art. 17", "--reference", "T-9", "--json", tmp_path / "forget.json")
+    assert forget.exit_code == 0, forget.output
+    report = json.loads((tmp_path / "forget.json").read_text())
+    assert report["method"] == "lm-retrain" and report["ids"] == [2, 9] and report["guarantee"]["kind"] == "exact"
+    group = invoke("forget", run, "--group", "author-1", "--json", tmp_path / "group.json")
+    assert group.exit_code == 0, group.output
+    report = json.loads((tmp_path / "group.json").read_text())
+    assert report["ids"] == [20, 21, 22, 23] and report["metrics"]["groups"] == ["author-1"] and report["version"] == 3
+
+    # the current weights load with from_pretrained and equal training from scratch on the remaining rows
+    model = AutoModelForCausalLM.from_pretrained(run / "versions" / "000003" / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run / "versions" / "000003" / "model")
+    corpus = load_corpus(data)
+    setup = prepare(LMRecipe.from_dict(manifest["recipe"]), corpus, tokenizer=tokenizer, tiny_config=json.loads(TINY))
+    active = np.ones(24, bool)
+    active[[2, 9, 20, 21, 22, 23]] = False
+    train_lm(setup.model, setup.data, setup.recipe, active)
+    assert weights_hash(model) == weights_hash(setup.model)
+
+    ledger = invoke("ledger", run, "--json", tmp_path / "ledger.json")
+    assert ledger.exit_code == 0, ledger.output
+    rows = json.loads((tmp_path / "ledger.json").read_text())
+    assert [r["kind"] for r in rows] == ["train", "forget", "forget"] and rows[1]["requested_by"] == "dpo@example.org"
+    assert rows[1]["reference"] == "T-9" and rows[2]["n_rows"] == 4
+    verify = invoke("verify", run)
+    assert verify.exit_code == 0, verify.output
+    receipt = invoke("receipt", run, "--version", "2", "--out", tmp_path / "receipt.json")
+    assert receipt.exit_code == 0, receipt.output
+    checked = invoke("verify", run, "--receipt", tmp_path / "receipt.json", "--id", "9")
+    assert checked.exit_code == 0, checked.output
+
+    weights = run / "versions" / "000003" / "model" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-4:] = bytes(4)
+    weights.write_bytes(bytes(raw))
+    tampered = invoke("verify", run)
+    assert tampered.exit_code == 1 and squash("versions/000003/model/model.safetensors") in squash(tampered.output)
+
+
+def test_train_with_lr_auto_records_gens_rates_and_forget_retrains_them_exactly(tmp_path):
+    from expunge.lm import load_corpus, load_tokenizer, prepare, train_lm, weights_hash
+    from expunge.lm.recipe import LMRecipe
+
+    auto = [a for a in LM if a not in ("--lr", "0.05")] + ["--lr", "auto", "--lr-start", "0.01", "--lr-every", "2",
+                                                             "--schedule", "cosine"]
+    data = qa_file(tmp_path, 16)
+    run = tmp_path / "run"
+    result = invoke("train", "--data", data, "--out", run, *auto, "--json", tmp_path / "train.json")
+    assert result.exit_code == 0, result.output
+    assert squash("GeN learning rate: 0.01 at the start") in squash(result.stdout)
+    manifest = json.loads((run / "manifest.json").read_text())
+    recipe = LMRecipe.from_dict(manifest["recipe"])
+    assert recipe.lr_auto and recipe.lr == 0.01 and recipe.lr_every == 2 and recipe.schedule == "cosine"
+    trained = json.loads((tmp_path / "train.json").read_text())["metrics"]
+    assert len(trained["rates"]) == trained["steps"] and len(set(trained["rates"])) > 1
+
+    forget = invoke("forget", run, "--ids", write_ids(tmp_path / "ids.txt", [0, 5]), "--method", "retrain",
+                    "--json", tmp_path / "forget.json")
+    assert forget.exit_code == 0, forget.output
+    report = json.loads((tmp_path / "forget.json").read_text())
+    model_dir = run / "versions" / "000002" / "model"
+    setup = prepare(recipe, load_corpus(data), tokenizer=load_tokenizer(model_dir), tiny_config=json.loads(TINY))
+    active = np.ones(16, bool)
+    active[[0, 5]] = False
+    scratch = train_lm(setup.model, setup.data, setup.recipe, active)
+    from transformers import AutoModelForCausalLM
+
+    assert weights_hash(AutoModelForCausalLM.from_pretrained(model_dir)) == weights_hash(setup.model)  # bit for bit
+    assert report["metrics"]["rates"] == scratch.rates  # and the rates too
+
+
+def test_bad_lm_requests_exit_cleanly_and_change_nothing(tmp_path):
+    run, data, _ = train(tmp_path, n=24)
+    before = snapshot(run)
+    for args, words in [
+        (("forget", run, "--group", "author-7"), ["unknown group(s) ['author-7']", "author-0, author-1"]),
+        (("forget", run, "--class", "1"), ["rows have no class", "--group"]),
+        (("forget", run, "--group", "author-1", "--method", "deltagrad"), ["deltagrad updates tabular runs"]),
+        (("forget", run, "--group", "author-1", "--method", "dp"), ["lm-dp updates only runs trained with it"]),
+        (("forget", run, "--ids", write_ids(tmp_path / "bad.txt", [99])), ["not in"]),
+        (("forget", run, "--group", "author-1", "--drop-privacy"), ["this run is not private"]),
+        (("add", run, "--rows", data), ["takes no added rows"]),
+        (("evaluate", run), ["scores classifiers"]),
+    ]:
+        assert_clean_failure(invoke(*args), *words)
+    assert snapshot(run) == before
+
+
+def test_a_tabular_run_refuses_groups_and_language_model_methods(run, tmp_path):
+    before = snapshot(run)
+    assert_clean_failure(invoke("forget", run, "--group", "author-1"), "is a tabular run")
+    ids = write_ids(tmp_path / "ids.txt", [0])
+    assert_clean_failure(invoke("forget", run, "--ids", ids, "--method", "lm-retrain"),
+                         "lm-retrain updates language-model runs", "is a tabular run")
+    assert snapshot(run) == before
+
+
+def test_bad_training_input_exits_before_writing(tmp_path):
+    data = qa_file(tmp_path, 6)
+    out = tmp_path / "out"
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "no-answer.json").write_text(json.dumps([{"question": "Who?", "answer": " "}]))
+    for args, words in [
+        ((*LM, "--hidden", "32"), ["--hidden apply to tabular runs"]),
+        ((*LM, "--method", "sisa"), ["--method apply to tabular runs"]),
+        ((*LM[:4], "--tiny-config", "{oops"), ["--tiny-config must be a JSON object"]),
+        ((*LM, "--max-length", "16"), ["longer than max_length 16"]),
+        (("--task", "lm", "--model", str(empty)), ["no weights"]),
+        (("--task", "lm"), ["--task lm needs --model"]),
+        (("--lora-rank", "2",), ["--lora-rank apply to language models"]),
+        ((*LM, "--dp", "--noise-multiplier", "1", "--delta", "1e-3", "--batch-size", "4", "--grad-accum", "2"),
+         ["expected batch", "larger than the data (6 rows)"]),
+        ((*LM, "--lr", "auto", "--dp", "--noise-multiplier", "1", "--delta", "1e-3"),
+         ["--lr auto (GeN) is not available with --dp", "without being accounted"]),
+        ((*LM, "--lr", "auto", "--warmup-steps", "2"), ["has no warm-up"]),
+        ((*LM, "--lr", "fast"), ["'auto'"]),
+    ]:
+        assert_clean_failure(invoke("train", "--data", data, "--out", out, *args), *words)
+    assert_clean_failure(invoke("train", "--data", tmp_path / "no-answer.json", "--out", out, *LM), "answer is empty")
+    assert not out.exists()
+
+
+def test_lora_run_via_the_cli_with_its_corpus_moved(tmp_path):
+    run, data, result = train(tmp_path, "--lora-rank", "2", "--method", "retrain", n=12)
+    assert squash("LoRA rank 2") in squash(result.stdout)
+    info = invoke("info", run, "--json", tmp_path / "info.json")
+    assert json.loads((tmp_path / "info.json").read_text())["lm"]["lora"]["rank"] == 2
+    moved = data.rename(tmp_path / "moved.json")
+    ids = write_ids(tmp_path / "ids.txt", [0])
+    assert_clean_failure(invoke("forget", run, "--ids", ids), "no longer exist", "--data")
+    forget = invoke("forget", run, "--ids", ids, "--data", moved, "--json", tmp_path / "f.json")
+    assert forget.exit_code == 0, forget.output
+    assert json.loads((tmp_path / "f.json").read_text())["method"] == "lm-retrain" and info.exit_code == 0
+
+
+def test_private_run_with_a_public_phase_via_the_cli(tmp_path):
+    public = qa_file(tmp_path, 6, "public.json")
+    run, _, result = train(tmp_path, "--dp", "--epsilon", "8", "--delta", "1e-3", "--grad-accum", "2",
+                           "--public-data", public, "--public-epochs", "1", n=16)
+    assert "private: epsilon" in result.stdout and "public phase: 6 rows" in result.stdout
+    manifest = json.loads((run / "manifest.json").read_text())
+    privacy = manifest["privacy"]
+    assert manifest["method"]["name"] == "lm-dp" and privacy["epsilon_pld"] <= 8.0 * 1.001
+    assert [p["private"] for p in privacy["phases"]] == [False, True] and manifest["lm"]["public"]["steps"] == 2
+    forget = invoke("forget", run, "--group", "author-0", "--ids", write_ids(tmp_path / "ids.txt", [1]))
+    assert_clean_failure(forget, "give exactly one of")
+    forget = invoke("forget", run, "--ids", write_ids(tmp_path / "ids.txt", [1, 2]), "--method", "retrain",
+                    "--json", tmp_path / "f.json")
+    assert forget.exit_code == 0, forget.output
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert report["method"] == "lm-dp" and report["guarantee"]["privacy"]["sample_rate"] == 4 / 14
+    assert_clean_failure(invoke("forget", run, "--ids", write_ids(tmp_path / "more.txt", [3]), "--drop-privacy"),
+                         "lm-dp keeps the privacy guarantee")
+    info = invoke("info", run)
+    assert info.exit_code == 0 and "private" in info.stdout
