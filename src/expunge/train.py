@@ -13,13 +13,8 @@ of training from scratch on the remaining rows, and the rates never carry a remo
 rates are recorded in the trajectory (``Trajectory.rates``). DeltaGrad replays a fixed schedule, which GeN's
 rates after a deletion are not, so such runs are updated by exact retraining.
 
-The LM trainer (``expunge.lm.train_lm``) can take the same rate with the same two pieces, not wired yet: its plan
-is a BatchPlan, so ``plan.probes()`` gives the recorded probe rows of each step; wrap its optimizer in
-``GeN(optimizer, probe=closure, every=...)`` where the closure returns the mean row loss (``row_losses``) on that
-step's probe rows with dropout off (GeN needs a deterministic loss), drop the transformers schedule (GeN owns the
-rate; a horizon goes in ``GeN(schedule=...)``), step GeN only on steps that have rows (as here), and record
-``gen.rates`` in its TrainResult; ``LMRecipe`` needs ``lr_auto``/``lr_every`` fields, and the LM command line
-(on its own branch) an ``--lr auto`` option.
+The LM trainer (``expunge.lm.train_lm``, ``expunge train --task lm --lr auto``) takes the same rate the same
+way: GeN around its optimizer, probing on its batch plan's probe stream with dropout off (expunge.lm.train).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The llm-unlearning benchmark's frame: registered, its table and plot, the quick switch, its settings. The run
 itself (minutes even in quick mode) is the benchmark's job, not a unit test's."""
 
-import json
-
 import pytest
 
-from expunge.bench import BENCHMARKS
+from expunge.bench import BENCHMARKS, read_rows
 from expunge.bench import llm_unlearning as bench
 from expunge.errors import ExpungeError
 
@@ -21,7 +19,7 @@ def rows():
 
 
 def test_registered_with_a_table_and_a_plot(tmp_path):
-    assert BENCHMARKS["llm-unlearning"] == "expunge.bench.llm_unlearning"
+    assert BENCHMARKS["llm-unlearning"].module == "expunge.bench.llm_unlearning"
     assert bench.table(rows()).row_count == 6
     bench.plot(rows(), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
@@ -36,7 +34,7 @@ def test_limit_asks_for_the_quick_mode_until_the_cli_has_a_flag(tmp_path, monkey
 
     monkeypatch.setattr(bench, "run", fake_run)
     bench.main(tmp_path, tmp_path / "out.json", limit=1)
-    assert seen["quick"] is True and len(json.loads((tmp_path / "out.json").read_text())) == 6
+    assert seen["quick"] is True and len(read_rows(tmp_path / "out.json")) == 6
     seen.clear()
     bench.main(tmp_path, tmp_path / "out.json")
     assert seen["quick"] is False

@@ -102,6 +102,38 @@ def test_train_forget_info_ledger_verify_receipt(tmp_path):
     assert tampered.exit_code == 1 and squash("versions/000003/model/model.safetensors") in squash(tampered.output)
 
 
+def test_train_with_lr_auto_records_gens_rates_and_forget_retrains_them_exactly(tmp_path):
+    from expunge.lm import load_corpus, load_tokenizer, prepare, train_lm, weights_hash
+    from expunge.lm.recipe import LMRecipe
+
+    auto = [a for a in LM if a not in ("--lr", "0.05")] + ["--lr", "auto", "--lr-start", "0.01", "--lr-every", "2",
+                                                             "--schedule", "cosine"]
+    data = qa_file(tmp_path, 16)
+    run = tmp_path / "run"
+    result = invoke("train", "--data", data, "--out", run, *auto, "--json", tmp_path / "train.json")
+    assert result.exit_code == 0, result.output
+    assert squash("GeN learning rate: 0.01 at the start") in squash(result.stdout)
+    manifest = json.loads((run / "manifest.json").read_text())
+    recipe = LMRecipe.from_dict(manifest["recipe"])
+    assert recipe.lr_auto and recipe.lr == 0.01 and recipe.lr_every == 2 and recipe.schedule == "cosine"
+    trained = json.loads((tmp_path / "train.json").read_text())["metrics"]
+    assert len(trained["rates"]) == trained["steps"] and len(set(trained["rates"])) > 1
+
+    forget = invoke("forget", run, "--ids", write_ids(tmp_path / "ids.txt", [0, 5]), "--method", "retrain",
+                    "--json", tmp_path / "forget.json")
+    assert forget.exit_code == 0, forget.output
+    report = json.loads((tmp_path / "forget.json").read_text())
+    model_dir = run / "versions" / "000002" / "model"
+    setup = prepare(recipe, load_corpus(data), tokenizer=load_tokenizer(model_dir), tiny_config=json.loads(TINY))
+    active = np.ones(16, bool)
+    active[[0, 5]] = False
+    scratch = train_lm(setup.model, setup.data, setup.recipe, active)
+    from transformers import AutoModelForCausalLM
+
+    assert weights_hash(AutoModelForCausalLM.from_pretrained(model_dir)) == weights_hash(setup.model)  # bit for bit
+    assert report["metrics"]["rates"] == scratch.rates  # and the rates too
+
+
 def test_bad_lm_requests_exit_cleanly_and_change_nothing(tmp_path):
     run, data, _ = train(tmp_path, n=24)
     before = snapshot(run)
@@ -171,6 +203,10 @@ def test_bad_training_input_exits_before_writing(tmp_path):
         (("--lora-rank", "2",), ["--lora-rank apply to language models"]),
         ((*LM, "--dp", "--noise-multiplier", "1", "--delta", "1e-3", "--batch-size", "4", "--grad-accum", "2"),
          ["expected batch", "larger than the data (6 rows)"]),
+        ((*LM, "--lr", "auto", "--dp", "--noise-multiplier", "1", "--delta", "1e-3"),
+         ["--lr auto (GeN) is not available with --dp", "without being accounted"]),
+        ((*LM, "--lr", "auto", "--warmup-steps", "2"), ["has no warm-up"]),
+        ((*LM, "--lr", "fast"), ["'auto'"]),
     ]:
         assert_clean_failure(invoke("train", "--data", data, "--out", out, *args), *words)
     assert_clean_failure(invoke("train", "--data", tmp_path / "no-answer.json", "--out", out, *LM), "answer is empty")

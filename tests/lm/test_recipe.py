@@ -17,6 +17,14 @@ def test_round_trip_and_resolution():
     assert LMRecipe(device="cpu", dtype="bfloat16").resolved().dtype == "bfloat16"
 
 
+def test_an_automatic_rate_round_trips_and_old_manifests_still_load():
+    auto = LMRecipe(lr_auto=True, lr_every=2.0, schedule="cosine")
+    assert auto.lr_every == 2 and LMRecipe.from_dict(json.loads(json.dumps(auto.to_dict()))) == auto
+    old = LMRecipe().to_dict()
+    del old["lr_auto"], old["lr_every"]  # a manifest written before the fields existed
+    assert LMRecipe.from_dict(old) == LMRecipe() and not LMRecipe.from_dict(old).lr_auto
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(epochs=0), "epochs must be a whole number"),
     (dict(batch_size=2.5), "batch_size must be a whole number"),
@@ -30,6 +38,9 @@ def test_round_trip_and_resolution():
     (dict(vocab_size=100), "vocab_size"),
     (dict(dtype="float16"), "unknown dtype"),
     (dict(seed=-1), "seed"),
+    ({"lr_auto": "yes"}, "lr_auto must be true or false"),
+    ({"lr_every": 0}, "lr_every"),
+    ({"lr_auto": True, "warmup_steps": 2}, "has no warm-up"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ExpungeError, match=message):

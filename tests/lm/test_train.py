@@ -10,6 +10,7 @@ from expunge.errors import ExpungeError
 from expunge.lm import (LMRecipe, dp_hook, lm_plan, load_state, make_schedule, row_losses, save_state, train_lm,
                         weights_hash)
 from expunge.lm.corpus import Corpus
+from expunge.lm.train import auto_rate, make_optimizer
 
 from .tiny import qa_corpus, tiny_setup
 
@@ -58,6 +59,9 @@ def states_equal(a, b) -> bool:
                               batch_size=1)),
     ("tiny-gpt2", dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1),  # dropout: seeded per step
      dict(optimizer="sgd", momentum=0.9, schedule="linear", batch_size=2)),
+    # GeN's rate, probing on the probe stream (where removed rows leave holes too), a cosine horizon
+    ("tiny-gpt2", {"resid_pdrop": 0.1}, {"optimizer": "adamw", "schedule": "cosine", "lr_auto": True, "lr_every": 1,
+                                         "batch_size": 2}),
 ])
 def test_retraining_after_a_deletion_equals_training_from_scratch_on_the_remaining_rows(tmp_path, model, config,
                                                                                        settings):
@@ -90,7 +94,10 @@ def test_retraining_after_a_deletion_equals_training_from_scratch_on_the_remaini
 
     assert states_equal(again.model, scratch.model)  # bit for bit
     assert weights_hash(again.model) == weights_hash(scratch.model) != weights_hash(first.model)
-    assert retrained.losses == from_scratch.losses
+    assert retrained.losses == from_scratch.losses and retrained.rates == from_scratch.rates
+    assert len(full.rates) == full.steps and len(retrained.rates) == retrained.steps
+    if recipe.get("lr_auto"):  # GeN moved the rate, and differently once rows were removed
+        assert len(set(full.rates)) > 1 and retrained.rates != full.rates[:len(retrained.rates)]
     holes = sum(len(rows) == 0 for rows in lm_plan(first.recipe, len(corpus)).iterations(active, first.data.ids))
     assert full.skipped == 0 and retrained.skipped == holes >= 1
     assert retrained.steps == full.steps - holes and retrained.rows == full.rows - 2 * len(removed)
@@ -140,6 +147,36 @@ def test_private_training_through_the_hook_is_reproducible_and_accounted(tmp_pat
     assert weights_hash(a) != weights_hash(fresh)
 
 
+def test_gens_probe_is_the_mean_row_loss_on_the_probe_streams_rows_with_dropout_off(tmp_path):
+    corpus = qa_corpus(tmp_path, 12)
+    setup = tiny_setup(corpus, "tiny-gpt2", {"resid_pdrop": 0.3, "embd_pdrop": 0.3}, lr_auto=True, epochs=2)
+    active = np.ones(12, bool)
+    active[[0, 5]] = False
+    plan = lm_plan(setup.recipe, 12)
+    optimizer = make_optimizer(setup.model, setup.recipe)
+    gen, probe_at = auto_rate(setup.model, setup.data, setup.recipe, active, plan, optimizer, 12)
+    probes = plan.probes().iterations(active, setup.data.ids)
+    assert not all(np.array_equal(p, t) for p, t in zip(probes, plan.iterations(active, setup.data.ids)))
+    setup.model.train()
+    for t in (0, 3):
+        probe_at(t)
+        with torch.no_grad():  # as GeN calls it
+            measured = float(gen.probe.closure()())
+        assert setup.model.training  # the probe leaves the model as it found it
+        setup.model.eval()
+        with torch.no_grad():
+            expected = float(row_losses(setup.model, setup.data.batch(probes[t])).mean())
+        setup.model.train()
+        assert measured == pytest.approx(expected, rel=1e-6)
+    emptied = tiny_setup(corpus, lr_auto=True)
+    hole = np.ones(12, bool)
+    hole[lm_plan(emptied.recipe, 12).probes().iterations(hole, emptied.data.ids)[0]] = False
+    gen, probe_at = auto_rate(emptied.model, emptied.data, emptied.recipe, hole, lm_plan(emptied.recipe, 12),
+                              make_optimizer(emptied.model, emptied.recipe), 6)
+    probe_at(0)
+    assert math.isnan(float(gen.probe.closure()()))  # no probe rows: no estimate, GeN keeps the rate
+
+
 def test_bad_training_requests_are_refused(tmp_path):
     setup = tiny_setup(qa_corpus(tmp_path, 4))
     with pytest.raises(ExpungeError, match="mark each of the 4 rows"):
@@ -149,6 +186,9 @@ def test_bad_training_requests_are_refused(tmp_path):
     clipped = tiny_setup(qa_corpus(tmp_path, 4), max_grad_norm=1.0)
     with pytest.raises(ExpungeError, match="does not apply to private training"):
         train_lm(clipped.model, clipped.data, clipped.recipe, private=dp_hook(noise_multiplier=1.0))
+    auto = tiny_setup(qa_corpus(tmp_path, 4), lr_auto=True)
+    with pytest.raises(ExpungeError, match="not available for private training"):
+        train_lm(auto.model, auto.data, auto.recipe, private=dp_hook(noise_multiplier=1.0))
 
 
 def test_bfloat16_weights_train_with_float32_losses(tmp_path):

@@ -113,6 +113,26 @@ def test_forget_by_ids_and_by_group_retrains_exactly(tmp_path):
     assert (reopened.run.current(reopened.manifest) / "initial.safetensors").stat().st_nlink >= 1
 
 
+def test_a_run_with_gens_rate_records_it_and_forgets_exactly(tmp_path):
+    run, corpus = train_run(tmp_path, n=16, lr=0.01, lr_auto=True, lr_every=2, schedule="linear")
+    assert run.manifest["recipe"]["lr_auto"] is True and run.manifest["recipe"]["lr_every"] == 2
+    trained = run.ledger.entries()[-1]["report"]["metrics"]
+    rates = trained["rates"]
+    assert len(rates) == trained["steps"] and len(set(rates)) > 1
+    run = RunModel.load(run.path)
+    report = run.forget([1, 2, 9], method="retrain")
+    active = np.ones(16, bool)
+    active[[1, 2, 9]] = False
+    # from scratch on the remaining rows (the removed rows' texts replaced: they must not matter)
+    targets = [t if a else "Nothing at all." for t, a in zip(corpus.targets, active)]
+    other = Corpus(corpus.prompts, tuple(targets), corpus.ids, corpus.groups)
+    scratch = prepare(run.recipe, other, tokenizer=run.tokenizer, tiny_config=TINY_LLAMA)
+    result = train_lm(scratch.model, scratch.data, scratch.recipe, active)
+    assert weights_hash(run.model) == weights_hash(merged(scratch.model))  # bit for bit
+    assert report.metrics["rates"] == result.rates != rates[:len(result.rates)]  # the rates too
+    assert verify_run(run.path).ok
+
+
 def test_bad_requests_are_refused_before_anything_changes(tmp_path):
     run, _ = train_run(tmp_path, n=24)
     before = sorted(p.name for p in (run.path / "versions").iterdir())
@@ -144,6 +164,9 @@ def test_training_refuses_bad_input_before_writing(tmp_path):
     with pytest.raises(ExpungeError, match="expected batch"):
         LMRun.train(corpus, recipe(batch_size=4, grad_accum=2), LMPrivateTraining(noise_multiplier=1.0, delta=1e-2),
                     out=out, tiny_config=TINY_LLAMA)
+    with pytest.raises(ExpungeError, match="not available with --dp"):
+        LMRun.train(corpus, recipe(lr_auto=True), LMPrivateTraining(noise_multiplier=1.0, delta=1e-2), out=out,
+                    tiny_config=TINY_LLAMA)
     empty_model = tmp_path / "model"
     empty_model.mkdir()
     (empty_model / "config.json").write_text(json.dumps({"model_type": "llama"}))

@@ -46,4 +46,6 @@ BENCHMARKS = {
     "llm-unlearning": Benchmark("expunge.bench.llm_unlearning", "LM unlearning (TOFU): forget quality vs utility",
                                 "~1.5 h"),
     "service": Benchmark("expunge.bench.service", "deletion service: latency, batching, worker kills", "~30 min"),
+    "llm-unlearning": Benchmark("expunge.bench.llm_unlearning", "NGDiff and LLM unlearning baselines: TOFU, MUSE",
+                                "~75 min"),
 }

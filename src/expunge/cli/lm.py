@@ -23,7 +23,8 @@ def parse_tiny_config(text: str | None) -> dict | None:
     return config
 
 
-def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: float, batch_size: int, grad_accum: int,
+def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: float, lr_auto: bool, lr_every: int,
+                 batch_size: int, grad_accum: int,
                  max_length: int, optimizer: str, weight_decay: float, momentum: float, schedule: str,
                  warmup_steps: int, max_grad_norm: float | None, lora_rank: int, lora_alpha: float | None,
                  lora_targets: str | None, vocab_size: int, device: str | None, dtype: str | None, seed: int,
@@ -40,7 +41,8 @@ def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: flo
                       schedule=schedule, warmup_steps=warmup_steps, max_grad_norm=None if dp else max_grad_norm,
                       lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_targets=tuple(t.strip() for t in lora_targets.split(",")) if lora_targets else None,
-                      vocab_size=vocab_size, device=device, dtype=dtype, seed=seed)
+                      vocab_size=vocab_size, device=device, dtype=dtype, seed=seed, lr_auto=lr_auto,
+                      lr_every=lr_every)
     sources = [str(Path(d).resolve()) for d in data]
     corpus = load_corpus(sources)
     public = load_corpus([str(Path(d).resolve()) for d in public_data], name="public") if public_data else None
@@ -66,6 +68,11 @@ def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: flo
         if info.get("public"):
             console.print(f"public phase: {info['public']['rows']} rows, {info['public']['steps']} steps (adds nothing "
                           "to epsilon; retraining starts after it)", highlight=False)
+        if metrics.get("rates"):
+            rates = metrics["rates"]
+            console.print(f"GeN learning rate: {rates[0]:.4g} at the start, {min(rates):.4g}..{max(rates):.4g} during "
+                          f"training, {rates[-1]:.4g} at the end (recorded in the ledger's train entry)",
+                          highlight=False)
         if dp:
             print_privacy(report["guarantee"]["privacy"])
         for note in report["notes"]:

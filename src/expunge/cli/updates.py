@@ -148,9 +148,10 @@ def train(
     lr: Optional[str] = typer.Option(None, help="Learning rate from epoch 0 (default 0.1; LM 1e-4), or 'auto': GeN sets "
                                      "it from the curvature of the loss along each step (forward passes on a second, "
                                      "recorded batch plan; started from --lr-start; the rates are recorded in the "
-                                     "run). With --method retrain only."),
-    lr_start: float = typer.Option(0.1, help="With --lr auto: the rate GeN starts from."),
-    lr_every: int = typer.Option(4, help="With --lr auto: iterations between GeN's estimates."),
+                                     "run). With --method retrain only (LM: without --dp)."),
+    lr_start: Optional[float] = typer.Option(None, help="With --lr auto: the rate GeN starts from (default 0.1; "
+                                            "LM 1e-4)."),
+    lr_every: int = typer.Option(4, help="With --lr auto: iterations (LM: optimizer steps) between GeN's estimates."),
     lr_step: list[str] = typer.Option([], help="Step schedule EPOCH=LR, repeatable: --lr-step 10=0.05."),
     weight_decay: Optional[float] = typer.Option(None, help="L2 coefficient lambda (objective mean loss + lambda/2 |w|^2; "
                                                  "default 1e-4; LM: the optimizer's weight decay, default 0)."),
@@ -273,16 +274,20 @@ def train(
                         "--test-data": test_data is not None, "--dp-transform": dp_transform != "none",
                         "--encode-labels": encode_labels, "--encode-categories": encode_categories,
                         "--standardize": standardize, "--label-column": label_column is not None,
-                        "--init": init is not None, "--nproc": nproc != 1,  # LM runs train in one process (so far)
-                        "--lr auto": lr is not None and _parse_lr(lr)}  # also checks a number
+                        "--init": init is not None, "--nproc": nproc != 1}  # LM runs train in one process (so far)
         given = [name for name, used in tabular_only.items() if used]
         if given:
             raise ExpungeError(f"{', '.join(given)} apply to tabular runs, not to --task lm; drop them (an LM run is "
                                "updated by exact retraining, or by private retraining with --dp)")
+        auto = lr is not None and _parse_lr(lr)  # also checks a number
+        if auto and dp:
+            raise ExpungeError("--lr auto (GeN) is not available with --dp: its loss probes would read private rows "
+                               "without being accounted in epsilon; give a fixed --lr")
         if model is None:
             raise ExpungeError("--task lm needs --model: tiny-llama, tiny-gpt2, smollm2, a model folder or a .gguf file")
         report = train_lm_run(
-            data, out, model=model, epochs=1 if epochs is None else epochs, lr=1e-4 if lr is None else float(lr),
+            data, out, model=model, epochs=1 if epochs is None else epochs,
+            lr=(1e-4 if lr_start is None else lr_start) if auto else 1e-4 if lr is None else float(lr), lr_auto=auto, lr_every=lr_every,
             batch_size=batch_size or 8, grad_accum=grad_accum or 1, max_length=max_length or 256,
             optimizer=optimizer or "adamw", weight_decay=weight_decay or 0.0, momentum=momentum or 0.0,
             schedule=schedule or "constant", warmup_steps=warmup_steps or 0, max_grad_norm=max_grad_norm,
@@ -314,7 +319,7 @@ def train(
         raise ExpungeError("--lr auto needs --method retrain: GeN's rates depend on the rows, so only exact retraining "
                            "recomputes them without a removed row (DeltaGrad replays a fixed schedule)")
     recipe = TrainRecipe(model=model, hidden=tuple(hidden), epochs=epochs, batch_size=batch_size or None,
-                         lr=lr_start if auto else float(lr), lr_steps=_parse_lr_steps(lr_step),
+                         lr=(0.1 if lr_start is None else lr_start) if auto else float(lr), lr_steps=_parse_lr_steps(lr_step),
                          weight_decay=weight_decay, dtype=dtype, seed=seed, optimizer=optimizer, lr_auto=auto,
                          lr_every=lr_every)
     spec = None

@@ -29,6 +29,9 @@ class LMRecipe:
     ``max_grad_norm`` clips the whole gradient of a step (None: no clipping). ``lora_rank`` > 0 trains
     LoRA adapters only (``lora_alpha`` default 2 * rank; ``lora_targets`` default peft's modules for the
     architecture). ``vocab_size`` is the size of the byte-level BPE trained for the tiny architectures.
+    ``lr_auto``: GeN sets the rate (``expunge.optim.GeN``, started from ``lr``, an estimate every ``lr_every``
+    optimizer steps on the probe rows of the batch plan's probe stream); ``schedule`` is then GeN's horizon
+    (linear or cosine fade of its proposals), and there is no warm-up. See expunge.lm.train.
     """
 
     model: str = "tiny-llama"
@@ -51,6 +54,8 @@ class LMRecipe:
     device: str | None = None
     dtype: str | None = None
     seed: int = 0
+    lr_auto: bool = False
+    lr_every: int = 4
 
     def __post_init__(self):
         if self.lora_targets is not None:
@@ -90,6 +95,15 @@ class LMRecipe:
             raise ExpungeError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.seed < 0:
             raise ExpungeError(f"seed must be a non-negative integer, got {self.seed}")
+        if not isinstance(self.lr_auto, bool):
+            raise ExpungeError(f"lr_auto must be true or false, got {self.lr_auto!r}")
+        if not (float(self.lr_every).is_integer() and self.lr_every >= 1):
+            raise ExpungeError(f"lr_every (optimizer steps between GeN estimates) must be a positive integer, got "
+                               f"{self.lr_every}")
+        object.__setattr__(self, "lr_every", int(self.lr_every))
+        if self.lr_auto and self.warmup_steps:
+            raise ExpungeError("an automatic learning rate (GeN) has no warm-up: drop --warmup-steps (GeN starts "
+                               "from the starting rate and moves it from the first step)")
 
     @property
     def step_rows(self) -> int:

@@ -17,6 +17,16 @@ seed of (recipe seed, step), and training runs under deterministic algorithms. E
 function from the same initial weights, recipe and plan, with the removed rows inactive: bit for bit what
 training on the remaining rows gives (same device and thread count).
 
+Automatic rate (``recipe.lr_auto``, ``expunge train --task lm --lr auto``). ``expunge.optim.GeN`` wraps the
+optimizer and sets its rate from the curvature of the loss along each step: every ``recipe.lr_every`` optimizer
+steps it measures the mean row loss, with dropout off (GeN needs a deterministic loss), at a few points along the
+step on that plan step's rows of the probe stream (``plan.probes()``, a second recorded plan of the same rows:
+a removed row leaves a hole there too). The transformers schedule is dropped (GeN owns the rate); a linear or
+cosine ``schedule`` becomes GeN's horizon over the plan's steps. GeN steps only on steps that have rows, so its
+rates are a function of the active rows alone and exact retraining after a deletion reproduces them (and the
+weights) bit for bit. The applied rates are in ``TrainResult.rates``. Private training refuses it: the probes
+would read private rows without being accounted.
+
 Private training. ``private(model, optimizer, data, recipe)`` returns a make_private-style engine (``.optimizer``
 wrapping ours, ``.loader`` yielding Poisson-sampled physical batches); the trainer then follows the engine's
 sampling instead of the plan, on the active rows, and the loss passed back is the mean of the rows' losses
@@ -61,6 +71,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     engine: object | None = None
+    rates: list[float] = field(default_factory=list)  # the learning rate of each optimizer step (planned training)
 
     @property
     def tokens_per_second(self) -> float:
@@ -121,6 +132,9 @@ def train_lm(model, data: TokenDataset, recipe: LMRecipe, active: np.ndarray | N
         raise ExpungeError(f"active must mark each of the {len(data)} rows, got shape {active.shape}")
     if not active.any():
         raise ExpungeError("no active rows: nothing to train on")
+    if private is not None and recipe.lr_auto:
+        raise ExpungeError("an automatic learning rate (GeN) is not available for private training: its loss probes "
+                           "would read private rows without being accounted; give a fixed --lr with --dp")
     if private is not None and recipe.max_grad_norm is not None:
         raise ExpungeError("max_grad_norm clips the whole step's gradient and does not apply to private training, "
                            "which clips each row's gradient (give the engine its max_grad_norm instead)")
@@ -141,10 +155,48 @@ def train_lm(model, data: TokenDataset, recipe: LMRecipe, active: np.ndarray | N
     return result
 
 
+def auto_rate(model, data: TokenDataset, recipe: LMRecipe, active: np.ndarray, plan: BatchPlan, optimizer,
+              n_steps: int):
+    """GeN around ``optimizer`` probing on the probe stream of ``plan`` (module docstring). Returns the GeN and a
+    function ``at(t)`` that points its probe at plan step t's probe rows."""
+    from ..optim import GeN, cosine_horizon, linear_horizon
+
+    probes = plan.probes().iterations(active, data.ids)
+    device = next(model.parameters()).device
+    current = [0]
+
+    def probe():  # the mean row loss on step t's probe rows at the weights GeN moves, dropout off
+        rows = probes[current[0]]
+
+        def loss() -> torch.Tensor:
+            if not len(rows):  # every probe row of this step was removed: no estimate (GeN keeps the rate)
+                return torch.tensor(float("nan"))
+            model.eval()
+            try:
+                total = sum(row_losses(model, data.batch(rows[start:start + recipe.batch_size], device)).sum()
+                            for start in range(0, len(rows), recipe.batch_size))
+            finally:
+                model.train()
+            return total / len(rows)
+
+        return loss
+
+    horizon = {"constant": None, "linear": linear_horizon, "cosine": cosine_horizon}[recipe.schedule]
+    gen = GeN(optimizer, probe=probe, every=recipe.lr_every, schedule=horizon and horizon(n_steps))
+
+    def at(t: int) -> None:
+        current[0] = t
+
+    return gen, at
+
+
 def _train_planned(model, data, recipe, active, plan, optimizer, progress) -> TrainResult:
     device = next(model.parameters()).device
     steps = plan.iterations(active, data.ids)
-    schedule = make_schedule(optimizer, recipe, len(steps))
+    if recipe.lr_auto:  # GeN owns the rate: no transformers schedule
+        schedule, (gen, probe_at) = None, auto_rate(model, data, recipe, active, plan, optimizer, len(steps))
+    else:
+        schedule = make_schedule(optimizer, recipe, len(steps))
     params = trainable_parameters(model)
     result = TrainResult()
     for t, rows in track(enumerate(steps), len(steps), "training", progress):
@@ -160,14 +212,21 @@ def _train_planned(model, data, recipe, active, plan, optimizer, progress) -> Tr
                     _count(result, batch)
             if recipe.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-            optimizer.step()
+            if schedule is None:  # GeN steps only on steps that have rows
+                probe_at(t)
+                gen.step()
+                result.rates.append(gen.rates[-1])
+            else:
+                result.rates.append(float(optimizer.param_groups[0]["lr"]))
+                optimizer.step()
             result.steps += 1
             result.losses.append(total / len(rows))
         else:
             result.skipped += 1
-        with warnings.catch_warnings():  # a skipped first step warns that the schedule stepped first: intended
-            warnings.simplefilter("ignore", UserWarning)
-            schedule.step()
+        if schedule is not None:
+            with warnings.catch_warnings():  # a skipped first step warns that the schedule stepped first: intended
+                warnings.simplefilter("ignore", UserWarning)
+                schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return result
 

@@ -142,6 +142,9 @@ class LMPrivateTraining(LMRetrain):
                 "public_steps": self.public_steps}
 
     def check(self, recipe: LMRecipe, n_rows: int) -> None:
+        if recipe.lr_auto:
+            raise ExpungeError("--lr auto (GeN) is not available with --dp: its loss probes would read private rows "
+                               "without being accounted in epsilon; give a fixed --lr")
         if recipe.max_grad_norm is not None:
             raise ExpungeError("the recipe's max_grad_norm clips a whole step's gradient; private training clips "
                                "each row's gradient with the engine's max_grad_norm instead: leave the recipe's unset")
@@ -369,6 +372,8 @@ class LMRun(RunModel):
                    "row_passes": result.rows, "tokens": result.tokens, "target_tokens": result.target_tokens,
                    "tokens_per_s": result.tokens_per_second,
                    "final_loss": result.losses[-1] if result.losses else None}
+        if self.recipe.lr_auto:  # GeN's rate at each optimizer step: a function of the active rows
+            metrics["rates"] = list(result.rates)
         return self._write_version(stage, setup, updater, active, kind, ids, seconds, guarantee, metrics)
 
     def _write_version(self, stage: Path, setup, updater, active: np.ndarray, kind: str, ids: list, seconds: float,
