@@ -43,8 +43,6 @@ BENCHMARKS = {
     "dp-lm": Benchmark("expunge.bench.dp_lm", "DP step of tied HF causal LMs vs Opacus: speed, memory", "~10 min"),
     "dp-distributed": Benchmark("expunge.bench.dp_distributed", "private DDP/FSDP2, 1 vs 2 processes: tokens/s, memory",
                                 "~15 min"),
-    "llm-unlearning": Benchmark("expunge.bench.llm_unlearning", "LM unlearning (TOFU): forget quality vs utility",
-                                "~1.5 h"),
     "service": Benchmark("expunge.bench.service", "deletion service: latency, batching, worker kills", "~30 min"),
     "llm-unlearning": Benchmark("expunge.bench.llm_unlearning", "NGDiff and LLM unlearning baselines: TOFU, MUSE",
                                 "~75 min"),
