@@ -144,8 +144,11 @@ def test_bad_lm_requests_exit_cleanly_and_change_nothing(tmp_path):
         (("forget", run, "--group", "author-1", "--method", "dp"), ["lm-dp updates only runs trained with it"]),
         (("forget", run, "--ids", write_ids(tmp_path / "bad.txt", [99])), ["not in"]),
         (("forget", run, "--group", "author-1", "--drop-privacy"), ["this run is not private"]),
+        (("forget", run, "--group", "author-1", "--lr", "0.1"), ["--lr, --epochs and --steps", "ngdiff"]),
+        (("forget", run, "--group", "author-1", "--method", "retrain", "--steps", "2"), ["--lr, --epochs and --steps"]),
+        (("forget", run, "--group", "author-1", "--method", "ngdiff", "--lr", "-1"), ["learning rate must be a positive"]),
         (("add", run, "--rows", data), ["takes no added rows"]),
-        (("evaluate", run), ["scores classifiers"]),
+        (("evaluate", run), ["language-model run", "--tofu DIR"]),
     ]:
         assert_clean_failure(invoke(*args), *words)
     assert snapshot(run) == before
@@ -157,7 +160,30 @@ def test_a_tabular_run_refuses_groups_and_language_model_methods(run, tmp_path):
     ids = write_ids(tmp_path / "ids.txt", [0])
     assert_clean_failure(invoke("forget", run, "--ids", ids, "--method", "lm-retrain"),
                          "lm-retrain updates language-model runs", "is a tabular run")
+    assert_clean_failure(invoke("forget", run, "--ids", ids, "--method", "ngdiff"),
+                         "ngdiff updates language-model runs", "is a tabular run")
+    assert_clean_failure(invoke("forget", run, "--ids", ids, "--method", "fisher", "--lr", "0.1"),
+                         "--lr, --epochs and --steps")
     assert snapshot(run) == before
+
+
+def test_forget_with_an_lm_unlearning_method_writes_a_version_that_verifies(tmp_path):
+    run, _, _ = train(tmp_path, n=24)
+    forget = invoke("forget", run, "--group", "author-1", "--method", "ngdiff", "--lr", "0.01", "--steps", "3",
+                    "--json", tmp_path / "ngdiff.json")
+    assert forget.exit_code == 0, forget.output
+    report = json.loads((tmp_path / "ngdiff.json").read_text())
+    assert report["method"] == "ngdiff" and report["version"] == 2 and report["ids"] == [20, 21, 22, 23]
+    assert report["guarantee"]["kind"] == "evaluated" and report["guarantee"]["by_construction"] == "none"
+    measured = report["guarantee"]["measured"]
+    assert measured["forget_nll_after"] > measured["forget_nll_before"] and report["metrics"]["steps"] == 3
+    ascent = invoke("forget", run, "--ids", write_ids(tmp_path / "ids.txt", [0]), "--method", "ascent", "--epochs", "1",
+                    "--json", tmp_path / "ascent.json")
+    assert ascent.exit_code == 0, ascent.output
+    assert json.loads((tmp_path / "ascent.json").read_text())["method"] == "lm-ascent"
+    ledger = invoke("ledger", run, "--json", tmp_path / "ledger.json")
+    assert ledger.exit_code == 0, ledger.output
+    assert invoke("verify", run).exit_code == 0
 
 
 def test_bad_training_input_exits_before_writing(tmp_path):
@@ -220,3 +246,51 @@ def test_private_run_with_a_public_phase_via_the_cli(tmp_path):
                          "lm-dp keeps the privacy guarantee")
     info = invoke("info", run)
     assert info.exit_code == 0 and "private" in info.stdout
+
+
+def tofu_folder(folder, n=24):
+    """TOFU's evaluation files in its layout, hand-built from the run's QA pairs: forget01 = author-1 (rows 20..23),
+    retain = the rest; paraphrases reword the answer, perturbed answers swap its words."""
+    from ..lm.tiny import WORDS, qa_rows
+
+    def shift(text, j):
+        return " ".join(WORDS[(WORDS.index(w) + j) % len(WORDS)] if w in WORDS else w for w in text.split())
+
+    def records(rows):
+        return [{"question": r["question"], "answer": r["answer"],
+                 "paraphrased_answer": r["answer"].replace("writes", "is writing"),
+                 "perturbed_answer": [shift(r["answer"], j + 1) for j in range(2)]} for r in rows]
+
+    rows = qa_rows(n)
+    folder.mkdir()
+    (folder / "forget01.json").write_text(json.dumps(records(rows[20:])))
+    (folder / "retain_perturbed.json").write_text(json.dumps(records(rows[:20])))
+    return folder
+
+
+def test_evaluate_an_lm_run_against_its_retrained_reference(tmp_path):
+    run, _, _ = train(tmp_path, n=24)
+    reference, _, _ = train(tmp_path, n=24, name="reference")
+    assert invoke("forget", run, "--group", "author-1", "--method", "ngdiff", "--lr", "0.01", "--steps", "3").exit_code == 0
+    assert invoke("forget", reference, "--group", "author-1", "--method", "retrain").exit_code == 0
+    tofu = tofu_folder(tmp_path / "tofu")
+    scored = invoke("evaluate", run, "--reference", reference, "--tofu", tofu, "--no-world-knowledge",
+                    "--max-new-tokens", "8", "--json", tmp_path / "eval.json")
+    assert scored.exit_code == 0, scored.output
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert set(results) == {"model", "retrain"} and results["retrain"]["forget_quality"] is None
+    model = results["model"]
+    assert 0 <= model["forget_quality"] <= 1 and 0 <= model["model_utility"] and model["param_dist_to_retrain"] > 0
+    assert (run / "reports" / "v2" / "lm-evaluation.png").is_file() and "forget_quality" in scored.stdout
+    # the retrained model against itself: the same truth ratios, forget quality 1
+    itself = invoke("evaluate", reference, "--reference", reference, "--tofu", tofu, "--no-world-knowledge",
+                    "--max-new-tokens", "8", "--json", tmp_path / "self.json")
+    assert itself.exit_code == 0, itself.output
+    same = json.loads((tmp_path / "self.json").read_text())["model"]
+    assert same["forget_quality"] == pytest.approx(1.0) and same["param_dist_to_retrain"] == 0
+    before = snapshot(run)
+    other, _, _ = train(tmp_path, n=24, name="other")
+    assert_clean_failure(invoke("evaluate", run, "--reference", other, "--tofu", tofu, "--no-world-knowledge"),
+                         "not trained on the same remaining rows")
+    assert_clean_failure(invoke("evaluate", run, "--tofu", tmp_path / "nowhere"), "not found")
+    assert snapshot(run) == before

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from expunge.lm import LMRecipe, load_corpus, prepare
 
@@ -47,3 +48,13 @@ def without_shared(relative: str):
     """Skip (with the reason) when the shared data file is absent; reading it is fast, so not marked slow."""
     path = DATA / relative
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not found (set EXPUNGE_DATA to the shared data folder)")
+
+
+def hand_logprob(model, data, row) -> tuple[float, int]:
+    """Summed log-probability of one row's target tokens, the row alone and unpadded, in float64."""
+    ids = torch.from_numpy(data.input_ids[row])
+    labels = data.labels[row]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+    targets = [t for t in range(1, len(ids)) if labels[t] != -100]
+    return float(sum(logp[t - 1, ids[t]] for t in targets)), len(targets)

@@ -52,6 +52,9 @@ def fitted_run(method, tmp_path):
 
 def test_the_registry_holds_every_method():
     assert set(registry.names()) >= {"deltagrad", "retrain", "fisher", "finetune", "ascent", "certified", "sisa", "dp"}
+    lm_unlearning = {"ngdiff", "graddiff", "npo", "simnpo", "lm-ascent"}
+    assert lm_unlearning <= set(registry.names(updates=registry.LM_RUN, serves="forget"))
+    assert registry.resolve("ascent", registry.LM) == "lm-ascent" and registry.resolve("ascent", registry.TABULAR) == "ascent"
 
 
 @pytest.mark.parametrize("method", registry.names(serves="forget"))

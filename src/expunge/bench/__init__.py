@@ -44,4 +44,6 @@ BENCHMARKS = {
     "dp-distributed": Benchmark("expunge.bench.dp_distributed", "private DDP/FSDP2, 1 vs 2 processes: tokens/s, memory",
                                 "~15 min"),
     "service": Benchmark("expunge.bench.service", "deletion service: latency, batching, worker kills", "~30 min"),
+    "llm-unlearning": Benchmark("expunge.bench.llm_unlearning", "NGDiff and LLM unlearning baselines: TOFU, MUSE",
+                                "~75 min"),
 }

@@ -82,17 +82,29 @@ def evaluate(
     shadows: int = typer.Option(0, help="Shadow models for offline LiRA (trained with the run's recipe on halves of the "
                                 "retained rows); 0 skips LiRA."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default RUN/reports/vVERSION)."),
+    tofu: Optional[Path] = typer.Option(None, help="Language-model runs: TOFU's evaluation folder (forget01.json, "
+                                        "retain_perturbed.json, ...; the shared data's tofu/)."),
+    forget_split: str = typer.Option("forget01", help="Language-model runs: TOFU's forget split (forget01, forget05, "
+                                     "forget10): the questions about the authors the run forgot."),
+    world_knowledge: bool = typer.Option(True, help="Language-model runs: include real authors and world facts in "
+                                         "model utility (--no-world-knowledge for a model without world knowledge, "
+                                         "such as the tiny CPU models: the retain part only)."),
+    max_new_tokens: int = typer.Option(128, help="Language-model runs: greedy answer length for ROUGE-L."),
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
 ):
     """Score a model against exact retraining: forget/retain/test accuracy, distance and KL to the
-    retrained model, membership inference on the forget set, relearn steps; writes JSON, Markdown, a plot."""
+    retrained model, membership inference on the forget set, relearn steps; writes JSON, Markdown, a plot.
+    Language-model runs: TOFU's forget quality (KS test of truth ratios against the retrained model's) and
+    model utility, and the distance to the retrained weights; writes JSON and a plot."""
     from .. import evaluate as ev
     from ..unlearn import RunModel, registry
 
     fitted = RunModel.load(run)
-    if fitted.kind != registry.TABULAR:
-        raise ExpungeError(f"{run} is a language-model run; this evaluation scores classifiers (the language-model "
-                           "metrics arrive with the LM unlearning methods)")
+    if fitted.kind == registry.LM:
+        return _evaluate_lm(fitted, run, reference, tofu, forget_split, world_knowledge, max_new_tokens, out,
+                            json_out)
+    if tofu is not None:
+        raise ExpungeError(f"--tofu scores language-model runs; {run} is a tabular run: drop it")
     if not hasattr(fitted, "model"):
         raise ExpungeError(f"{run} has no single torch model to score")
     deleted = np.flatnonzero(~fitted.active)
@@ -127,6 +139,47 @@ def evaluate(
                              for r in results.values()))
     console.print(table)
     console.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    write_json(json_out, results)
+
+
+def _evaluate_lm(fitted, run: Path, reference: Optional[Path], tofu: Optional[Path], forget_split: str,
+                 world_knowledge: bool, max_new_tokens: int, out: Optional[Path], json_out: Optional[str]):
+    """TOFU figures of a language-model run's current model, against the retrained run's when given."""
+    from ..lm import evaluate_lm, load_tofu_splits, plot_evaluations
+    from ..unlearn import RunModel, registry
+
+    if tofu is None:
+        raise ExpungeError(f"{run} is a language-model run, scored on TOFU's evaluation files: give --tofu DIR (the "
+                           "shared data's tofu/ folder, or files in its layout)")
+    splits = load_tofu_splits(tofu, forget_split, world_knowledge)
+    options = {"max_new_tokens": max_new_tokens}
+    results, ref = {}, None
+    if reference is not None:
+        ref_run = RunModel.load(reference)
+        if ref_run.kind != registry.LM:
+            raise ExpungeError(f"{reference} is a tabular run; the reference of a language-model run is the same run "
+                               "retrained without the forgotten rows (expunge forget COPY --group G --method retrain)")
+        remaining = np.sort(fitted.universe.ids[fitted.active])
+        if not np.array_equal(np.sort(ref_run.universe.ids[ref_run.active]), remaining):
+            raise ExpungeError(f"{reference} is not trained on the same remaining rows as {run}; retrain a copy of the "
+                               "original run without the same rows (expunge forget COPY --group G --method retrain)")
+        ref = evaluate_lm(ref_run.model, ref_run.tokenizer, tofu=splits, tofu_options=options)
+        results["retrain"] = ref.figures
+    evaluation = evaluate_lm(fitted.model, fitted.tokenizer, tofu=splits, reference=ref, tofu_options=options,
+                             retrained=ref_run.model if reference is not None else None)
+    results = {"model": evaluation.figures, **results}
+    folder = Path(out or Path(run) / "reports" / f"v{fitted.version}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lm-evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_evaluations(results, folder / "lm-evaluation.png")
+    table = Table("figure", *results)
+    for key in evaluation.figures:
+        table.add_row(key, *(f"{r[key]:.4g}" if isinstance(r.get(key), float) else str(r.get(key, "-"))
+                             for r in results.values()))
+    console.print(table)
+    if not world_knowledge:
+        console.print("model utility: the retain split only (--no-world-knowledge)")
+    console.print(f"wrote {folder / 'lm-evaluation.json'}, {folder / 'lm-evaluation.png'}")
     write_json(json_out, results)
 
 

@@ -112,6 +112,20 @@ def _request_updater(fitted, method: Optional[str], T0: Optional[int], j0: Optio
     return make_updater("deltagrad", **settings)
 
 
+def _lm_unlearner(fitted, method: Optional[str], settings: dict):
+    """The LM unlearning method --method names, with the --lr/--epochs/--steps given."""
+    from ..unlearn import make_updater
+
+    name = registry.resolve(method, registry.LM) if method else None
+    found = registry.find(name) if name else None
+    if fitted.kind != registry.LM or found is None or not getattr(found.updater, "unlearns", False):
+        usable = ", ".join(m for m in registry.names(updates=registry.LM_RUN)
+                           if getattr(registry.get(m).updater, "unlearns", False))
+        raise ExpungeError(f"--lr, --epochs and --steps set a language-model unlearning method ({usable}); give one "
+                           "with --method on a language-model run, or drop them")
+    return make_updater(name, **settings)
+
+
 @app.command()
 @friendly
 def train(
@@ -418,6 +432,10 @@ def forget(
     newton: bool = typer.Option(False, help="Fisher: take the Newton step on the remaining data first (small models)."),
     seed: int = typer.Option(0, help="Seed for --ratio and for Fisher's noise."),
     method: Optional[str] = METHOD_OPTION,
+    lr: Optional[float] = typer.Option(None, help="LM unlearning (ngdiff, graddiff, npo, simnpo, ascent on an LM run): "
+                                       "the learning rate (default 1e-5; NGDiff's first rate, then fitted)."),
+    epochs: Optional[int] = typer.Option(None, help="LM unlearning: passes over the forgotten rows (default 5)."),
+    steps: Optional[int] = typer.Option(None, help="LM unlearning: stop after this many steps (default: whole epochs)."),
     T0: Optional[int] = T0_OPTION,
     j0: Optional[int] = J0_OPTION,
     m: Optional[int] = M_OPTION,
@@ -454,7 +472,10 @@ def forget(
             chosen = fitted.universe.ids[fitted.active & (fitted.universe.y == label)]
             if len(chosen) == 0:
                 raise ExpungeError(f"no current rows have label {label}")
-        if (method or getattr(getattr(fitted, "updater", None), "name", None)) == "fisher":
+        lm_settings = {k: v for k, v in {"lr": lr, "epochs": epochs, "max_steps": steps}.items() if v is not None}
+        if lm_settings:
+            updater = _lm_unlearner(fitted, method, lm_settings)
+        elif (method or getattr(getattr(fitted, "updater", None), "name", None)) == "fisher":
             from ..unlearn.fisher import Fisher
 
             updater = Fisher(lam=scrub_lam, newton=newton, seed=seed)

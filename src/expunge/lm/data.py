@@ -108,7 +108,7 @@ class TokenDataset:
             raise ExpungeError(f"{len(missing)} id(s) are not in {self.name}, e.g. {missing[:5]}")
         return np.array([position[int(i)] for i in ids], dtype=np.int64)
 
-    def take(self, rows) -> "TokenDataset":
+    def take(self, rows) -> TokenDataset:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         return TokenDataset(tuple(self.input_ids[r] for r in rows), tuple(self.labels[r] for r in rows),
                             self.ids[rows], tuple(self.groups[r] for r in rows), self.pad_id, self.qa_format, self.name)
@@ -173,6 +173,17 @@ def encode(corpus: Corpus, tokenizer, max_length: int, truncate_documents: bool 
                       f"{max(n for _, n in truncated)}, ids {[int(corpus.ids[r]) for r, _ in truncated[:5]]}); "
                       f"each keeps its first {max_length} tokens. Raise --max-length to keep more.", stacklevel=2)
     return TokenDataset(tuple(input_ids), tuple(labels), corpus.ids, corpus.groups, pad, fmt, corpus.name)
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """The tokens a QA pair's answer follows, as ``encode`` builds them (chat template with the generation
+    prompt, or the plain ``Question: ... Answer:`` format): what a model is prompted with to answer."""
+    if qa_format(tokenizer) == "chat":
+        user = [{"role": "user", "content": question}]
+        return tokenizer(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"]
+    lead = tokenizer("", add_special_tokens=True)["input_ids"]
+    return list(lead) + tokenizer(PLAIN_PROMPT.format(question=question), add_special_tokens=False)["input_ids"]
 
 
 def _qa_tokens(tokenizer, question: str, answer: str, fmt: str, lead: list[int], eos: int) -> tuple[list[int], list[int]]:

@@ -7,6 +7,7 @@ from .deltagrad import DeltaGrad
 from .fisher import Fisher
 from .fitted import Fitted
 from .lm_run import LMPrivateTraining, LMRetrain, LMRun, PrivateLMRun
+from .lm_unlearn import GradDiffUpdate, LMAscent, NGDiffUpdate, NPOUpdate, SimNPOUpdate
 from .merged import Merge, MergedFitted
 from .private import PrivateFitted, PrivateTraining
 from .registry import CERTIFIED, EXACT, GRADIENT_RUN, LM_RUN, OWN_RUN, PRIVATE, Method, register
@@ -39,3 +40,16 @@ register(Method("lm-retrain", LMRetrain, LMRun, LM_RUN,
 register(Method("lm-dp", LMPrivateTraining, PrivateLMRun, OWN_RUN,
                 "exact private retraining of a language model (what dp means on an LM run); runs trained with "
                 "--task lm --dp", reference=True, holds=(PRIVATE,), keeps=(PRIVATE, EXACT), alias="dp"))
+LM_EVALUATED = "; no guarantee by construction, its forget and retain NLLs evaluated"
+register(Method("ngdiff", NGDiffUpdate, LMRun, LM_RUN,
+                "normalised gradient difference on a language model (Jin et al. 2025)" + LM_EVALUATED,
+                serves=("forget",)))
+register(Method("graddiff", GradDiffUpdate, LMRun, LM_RUN,
+                "gradient difference on a language model: -NLL forget + NLL retain" + LM_EVALUATED, serves=("forget",)))
+register(Method("npo", NPOUpdate, LMRun, LM_RUN,
+                "negative preference optimisation on a language model" + LM_EVALUATED, serves=("forget",)))
+register(Method("simnpo", SimNPOUpdate, LMRun, LM_RUN,
+                "simple NPO (length-normalised, no reference) on a language model" + LM_EVALUATED, serves=("forget",)))
+register(Method("lm-ascent", LMAscent, LMRun, LM_RUN,
+                "gradient ascent on a language model's forgotten rows (what ascent means on an LM run)" + LM_EVALUATED,
+                alias="ascent", serves=("forget",)))

@@ -368,6 +368,17 @@ class LMRun(RunModel):
                          {"kind": "exact", "note": "private retraining on the remaining rows", "privacy": privacy})
         else:
             guarantee = {"kind": "exact", "steps": result.steps, "skipped_steps": result.skipped}
+        metrics = {"rows": int(active.sum()), "steps": result.steps, "skipped_steps": result.skipped,
+                   "row_passes": result.rows, "tokens": result.tokens, "target_tokens": result.target_tokens,
+                   "tokens_per_s": result.tokens_per_second,
+                   "final_loss": result.losses[-1] if result.losses else None}
+        if self.recipe.lr_auto:  # GeN's rate at each optimizer step: a function of the active rows
+            metrics["rates"] = list(result.rates)
+        return self._write_version(stage, setup, updater, active, kind, ids, seconds, guarantee, metrics)
+
+    def _write_version(self, stage: Path, setup, updater, active: np.ndarray, kind: str, ids: list, seconds: float,
+                       guarantee: dict, metrics: dict) -> UpdateReport:
+        """Write ``setup.model`` (the model, adapters and initial state) into ``stage`` and commit the version."""
         with quiet_transformers():
             save_pretrained(setup.model, setup.tokenizer, stage / MODEL)
         if self.recipe.lora:
@@ -379,18 +390,13 @@ class LMRun(RunModel):
             except OSError:
                 shutil.copy2(current, stage / INITIAL)
         model_hash = folder_hash(stage / MODEL)
-        metrics = {"rows": int(active.sum()), "steps": result.steps, "skipped_steps": result.skipped,
-                   "row_passes": result.rows, "tokens": result.tokens, "target_tokens": result.target_tokens,
-                   "tokens_per_s": result.tokens_per_second,
-                   "final_loss": result.losses[-1] if result.losses else None}
-        if self.recipe.lr_auto:  # GeN's rate at each optimizer step: a function of the active rows
-            metrics["rates"] = list(result.rates)
         if self._groups is not None:
             metrics["groups"] = list(self._groups)
         report = UpdateReport(updater.name, kind, list(ids), seconds, self.manifest.get("model_hash"), model_hash,
                               guarantee, metrics)
         now = library_versions()
-        if kind != "train" and now != self.lm["libraries"] and self._writing is not None:
+        if kind != "train" and not getattr(updater, "unlearns", False) and now != self.lm["libraries"] \
+                and self._writing is not None:
             self._writing["notes"].append(f"retrained with {now}, the run was trained with {self.lm['libraries']}: "
                                           "the result equals training from scratch under the libraries of now")
 
@@ -476,7 +482,7 @@ class LMRun(RunModel):
         if getattr(find(name), "updates", None) == OWN_RUN:
             raise ExpungeError(f"{name} updates only runs trained with it (expunge train --task lm --dp)")
         updater = method if not isinstance(method, str) else make_updater(name)
-        if not (hasattr(updater, "train") and hasattr(updater, "check")):
+        if not ((hasattr(updater, "train") or hasattr(updater, "unlearn")) and hasattr(updater, "check")):
             raise ExpungeError(f"{name} cannot update the language-model run {self.path}")
         return updater
 
@@ -484,8 +490,28 @@ class LMRun(RunModel):
         updater = self._updater_for(method)
         updater.check(self.recipe, int(new_active.sum()))
         setup = self._initial_setup()
+        if getattr(updater, "unlearns", False):
+            return self._unlearn(setup, updater, new_active, kind, ids.tolist(), progress)
         with self.run.staging() as stage:
             return self._train_version(stage, setup, updater, new_active, kind, ids.tolist(), progress)
+
+    def _unlearn(self, setup, updater, active: np.ndarray, kind: str, ids: list, progress: bool) -> UpdateReport:
+        """Update the current model by an unlearning method (lm_unlearn.py): the rows leaving are forgotten, the
+        remaining ones kept. ``setup`` is at the initial weights; the current ones are loaded into it first."""
+        current = self.run.current(self.manifest)
+        if self.recipe.lora:
+            load_state(setup.model, current / ADAPTERS)
+        else:
+            setup.model.load_state_dict(self.model.state_dict())
+        forget = setup.data.take(np.flatnonzero(self.active & ~active))
+        retain = setup.data.take(np.flatnonzero(active))
+        start = time.perf_counter()
+        with num_threads(self.lm["threads"]):
+            guarantee, metrics = updater.unlearn(setup.model, forget, retain, progress)
+        seconds = time.perf_counter() - start
+        with self.run.staging() as stage:
+            return self._write_version(stage, setup, updater, active, kind, ids, seconds, guarantee,
+                                       dict(metrics, rows=int(active.sum())))
 
 
 class PrivateLMRun(LMRun):
