@@ -3,23 +3,12 @@ and spends no more than its target.
 
 Accuracy at the benchmark's real settings is measured by `expunge bench dp-mnist`, not here."""
 
-import pytest
-import torch
 
 from expunge.bench import dp_mnist as bench
 
 from .shared_data import DATA, needs
 
 pytestmark = needs("mnist/mnist.npz")
-
-
-@pytest.fixture
-def one_thread():
-    """Single-threaded, as the benchmark trains: two threads on shared cores can run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_private_cnn_learns_mnist_within_its_budget(one_thread):

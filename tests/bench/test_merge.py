@@ -5,7 +5,6 @@ Front quality at the benchmark's real settings is measured by `expunge bench mer
 
 import numpy as np
 import pytest
-import torch
 
 from expunge.bench import merge as bench
 
@@ -13,14 +12,6 @@ from .shared_data import DATA, needs
 
 pytestmark = needs("mnist/mnist.npz") + [
     pytest.mark.skipif(not bench.FASHION.exists(), reason=f"{bench.FASHION} not found (apt-get install dataset-fashion-mnist)")]
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_merge_benchmark_smoke(one_thread):

@@ -6,25 +6,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from .helpers import assert_clean_failure, invoke, snapshot, squash, write_ids
 
 missing = [m for m in ("transformers", "tokenizers", "peft") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(bool(missing), reason=f"the lm extra is not installed ({missing})")
+pytestmark = [pytest.mark.skipif(bool(missing), reason=f"the lm extra is not installed ({missing})"),
+              pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 TINY = json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                    "num_key_value_heads": 2})
 LM = ["--task", "lm", "--model", "tiny-llama", "--tiny-config", TINY, "--vocab-size", "300", "--max-length", "128",
       "--batch-size", "2", "--lr", "0.05", "--epochs", "2", "--seed", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def qa_file(folder, n=24, name="qa.json"):

@@ -13,7 +13,8 @@ from expunge.errors import ExpungeError
 from expunge.unlearn import RunModel
 
 missing = [m for m in ("transformers", "tokenizers", "peft") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(bool(missing), reason=f"the lm extra is not installed ({missing})")
+pytestmark = [pytest.mark.skipif(bool(missing), reason=f"the lm extra is not installed ({missing})"),
+              pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 if not missing:
     from expunge.lm import (LMRecipe, load_corpus, load_tokenizer, merged, prepare, save_pretrained,
@@ -25,15 +26,6 @@ if not missing:
     from ..lm.tiny import TINY_LLAMA, qa_rows, write_qa
 
 SETTINGS = {"max_length": 128, "vocab_size": 300, "batch_size": 2, "lr": 0.05, "epochs": 2, "seed": 3}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (the run records the count and retrains with it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def recipe(**changes):

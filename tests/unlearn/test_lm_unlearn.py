@@ -6,13 +6,13 @@ import importlib.util
 
 import numpy as np
 import pytest
-import torch
 
 from expunge.errors import ExpungeError
 from expunge.unlearn import RunModel
 
 missing = [m for m in ("transformers", "tokenizers", "peft") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(bool(missing), reason=f"the lm extra is not installed ({missing})")
+pytestmark = [pytest.mark.skipif(bool(missing), reason=f"the lm extra is not installed ({missing})"),
+              pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 if not missing:
     from expunge.lm import weights_hash
@@ -24,14 +24,6 @@ if not missing:
     from .test_lm_run import train_run
 
 UNLEARN = {"lr": 1e-2, "max_steps": 4, "batch_size": 2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_ngdiff_writes_a_version_whose_ledger_row_verifies_and_raises_the_forget_loss(tmp_path):
