@@ -451,8 +451,8 @@ def forget(
     quiet: bool = QUIET_OPTION,
 ):
     """Delete rows and update the model: DeltaGrad, exact retraining, the certified Newton step, SISA shard
-    retraining, Fisher scrubbing and its baselines, or (language-model runs) exact retraining and private
-    retraining, whichever the run and --method call for."""
+    retraining, Fisher scrubbing and its baselines, or (language-model runs) exact or private retraining and the
+    LLM unlearning methods (ngdiff, graddiff, npo, simnpo, ascent), whichever the run and --method call for."""
     from ..data import load_ids
 
     if sum(x is not None for x in (ids, ratio, label, group or None)) != 1:
