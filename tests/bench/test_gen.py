@@ -18,7 +18,9 @@ def test_every_kind_of_run_reports_and_the_summary_compares_gen_with_the_best_tu
     monkeypatch.setattr(bench, "EPOCHS_DP", 1)
     monkeypatch.setattr(bench, "GRIDS", {"adamw": (1e-3, 1e-2)})
     monkeypatch.setattr(bench, "DP_GRID", (0.5, 2.0))
-    monkeypatch.setattr(bench, "FASHION", tmp_path / "absent")  # MNIST only, to stay short
+    from expunge.bench import dp_optimizers
+
+    monkeypatch.setattr(dp_optimizers, "FASHION", tmp_path / "absent")  # MNIST only, to stay short (gen reads its sources)
     out = tmp_path / "gen.json"
     rows = bench.main(DATA, out, limit=1200, progress=False)
     written, provenance = read_results(out)

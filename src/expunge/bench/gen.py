@@ -70,10 +70,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
 from ..errors import ExpungeError
+from . import report
+from .dp_optimizers import (
+    sources,  # MNIST from the data folder, Fashion-MNIST from its Debian package
+)
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 BATCH = 128
 EPOCHS = 2
 EVERY = 4
@@ -232,18 +234,6 @@ def train_private(job: dict) -> dict:
 
 
 _DATA: dict = {}  # per worker process: task name -> (train, test)
-
-
-def sources(data_dir: Path, console=None) -> dict:
-    mnist = Path(data_dir) / "mnist" / "mnist.npz"
-    if not mnist.exists():
-        raise ExpungeError(f"{mnist} not found; pass --data pointing at the shared data folder")
-    found = {"mnist": str(mnist)}
-    if FASHION.exists():
-        found["fashion-mnist"] = str(FASHION)
-    elif console is not None:
-        console.print(f"Fashion-MNIST not found at {FASHION} (apt-get install dataset-fashion-mnist); skipped")
-    return found
 
 
 def lm_task(data_dir: Path, console=None):

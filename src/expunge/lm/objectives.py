@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..errors import ExpungeError
 from .data import IGNORE
-from .train import row_losses
+from .train import row_losses, target_nll
 
 
 class Objective(NamedTuple):
@@ -48,15 +48,8 @@ class Objective(NamedTuple):
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its target tokens (float32) and its number of target tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
-                          reduction="none").view(targets.shape)
-    counts = (targets != IGNORE).sum(1)
-    if (counts == 0).any():
-        raise ExpungeError("a row of the batch has no target tokens; its log-probability is undefined")
-    return -nll.sum(1), counts
+    nll, counts = target_nll(model, batch)
+    return -nll, counts
 
 
 def _retain_term(model, retain, alpha: float) -> tuple[torch.Tensor | float, float | None]:

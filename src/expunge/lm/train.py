@@ -83,9 +83,9 @@ def lm_plan(recipe: LMRecipe, n_rows: int) -> BatchPlan:
     return BatchPlan(n_rows, recipe.step_rows, recipe.epochs, recipe.seed)
 
 
-def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each row's mean NLL over its target tokens (labels != -100, shifted: logits at t predict token t+1),
-    in float32 whatever the model's dtype. Shape (rows,)."""
+def target_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed NLL over its target tokens (labels != -100, shifted: logits at t predict token t+1), in
+    float32 whatever the model's dtype, and its number of target tokens. Shapes (rows,), (rows,)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     logits = logits[:, :-1].float()
@@ -93,8 +93,14 @@ def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                           reduction="none").view(targets.shape)
     counts = (targets != IGNORE).sum(1)
     if (counts == 0).any():
-        raise ExpungeError("a row of the batch has no target tokens; its loss is undefined")
-    return nll.sum(1) / counts
+        raise ExpungeError("a row of the batch has no target tokens (every label is masked): it has nothing to score")
+    return nll.sum(1), counts
+
+
+def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's mean NLL over its target tokens, in float32. Shape (rows,)."""
+    nll, counts = target_nll(model, batch)
+    return nll / counts
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
