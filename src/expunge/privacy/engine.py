@@ -39,6 +39,19 @@ CLIP_FNS = ("abadi", "automatic", "global")
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise")
 
 
+def check_private_settings(epsilon, noise_multiplier, delta, clip_fn: str, clipping: str) -> None:
+    """The settings every private run checks before anything is written (tabular and language-model runs)."""
+    if (epsilon is None) == (noise_multiplier is None):
+        raise ExpungeError("private training needs a target --epsilon or a fixed --noise-multiplier (one of them)")
+    if epsilon is not None and not epsilon > 0:
+        raise ExpungeError(f"--epsilon must be positive, got {epsilon}")
+    check_delta(delta)
+    if clip_fn not in CLIP_FNS:
+        raise ExpungeError(f"unknown --clip-fn {clip_fn!r}; use one of {', '.join(CLIP_FNS)}")
+    if clipping not in CLIPPING_STYLES:
+        raise ExpungeError(f"unknown --clipping {clipping!r}; use one of {', '.join(CLIPPING_STYLES)}")
+
+
 def clip_factors(norms: torch.Tensor, threshold: float, clip_fn: str, gamma: float = 0.01) -> torch.Tensor:
     """Per-row factors c_i with ||c_i g_i|| <= threshold.
 

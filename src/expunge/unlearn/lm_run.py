@@ -47,7 +47,7 @@ from ..lm import (Corpus, LMRecipe, dp_hook, encode, folder_hash, frozen_hash, l
 from ..lm.determinism import num_threads
 from ..lm.models import TINY_ARCHITECTURES, parameter_count
 from ..privacy.accounting import Phase, check_delta
-from ..privacy.engine import CLIP_FNS, CLIPPING_STYLES
+from ..privacy.engine import check_private_settings
 from .base import UpdateReport
 from .registry import LM, OWN_RUN, find, kind_of, make_updater, resolve
 from .run import ROWS, Request, RunModel
@@ -120,15 +120,7 @@ class LMPrivateTraining(LMRetrain):
     def __init__(self, epsilon: float | None = None, delta: float = 1e-5, noise_multiplier: float | None = None,
                  max_grad_norm: float = 1.0, clipping: str = "all-layer", clip_fn: str = "abadi",
                  physical_batch_size: int | None = None, accountant: str = "pld", public_steps: int = 0):
-        if (epsilon is None) == (noise_multiplier is None):
-            raise ExpungeError("private training needs a target --epsilon or a fixed --noise-multiplier (one of them)")
-        if epsilon is not None and not epsilon > 0:
-            raise ExpungeError(f"--epsilon must be positive, got {epsilon}")
-        check_delta(delta)
-        if clip_fn not in CLIP_FNS:
-            raise ExpungeError(f"unknown --clip-fn {clip_fn!r}; use one of {', '.join(CLIP_FNS)}")
-        if clipping not in CLIPPING_STYLES:
-            raise ExpungeError(f"unknown --clipping {clipping!r}; use one of {', '.join(CLIPPING_STYLES)}")
+        check_private_settings(epsilon, noise_multiplier, delta, clip_fn, clipping)
         if physical_batch_size is not None and physical_batch_size < 1:
             raise ExpungeError(f"--physical-batch-size must be at least 1, got {physical_batch_size}")
         self.epsilon, self.delta, self.noise_multiplier = epsilon, delta, noise_multiplier

@@ -28,7 +28,7 @@ from ..data import IndexedDataset
 from ..errors import ExpungeError
 from ..privacy import DOPPLER, DiceSGD, DiSK, make_private
 from ..privacy.accounting import check_delta
-from ..privacy.engine import CLIP_FNS, CLIPPING_STYLES
+from ..privacy.engine import check_private_settings
 from ..progress import track
 from ..recipe import TrainRecipe
 from ..train import Workspace
@@ -51,15 +51,7 @@ class PrivateTraining:
                  max_grad_norm: float = 1.0, clip_fn: str = "abadi", clipping: str = "all-layer",
                  physical_batch_size: int | None = None, accountant: str = "pld", transform: str = "none",
                  nproc: int = 1):
-        if (epsilon is None) == (noise_multiplier is None):
-            raise ExpungeError("private training needs a target --epsilon or a fixed --noise-multiplier (one of them)")
-        if epsilon is not None and not epsilon > 0:
-            raise ExpungeError(f"--epsilon must be positive, got {epsilon}")
-        check_delta(delta)
-        if clip_fn not in CLIP_FNS:
-            raise ExpungeError(f"unknown --clip-fn {clip_fn!r}; use one of {', '.join(CLIP_FNS)}")
-        if clipping not in CLIPPING_STYLES:
-            raise ExpungeError(f"unknown --clipping {clipping!r}; use one of {', '.join(CLIPPING_STYLES)}")
+        check_private_settings(epsilon, noise_multiplier, delta, clip_fn, clipping)
         self.epsilon, self.delta, self.noise_multiplier = epsilon, delta, noise_multiplier
         self.max_grad_norm, self.clip_fn, self.clipping = max_grad_norm, clip_fn, clipping
         self.physical_batch_size, self.accountant = physical_batch_size, accountant
