@@ -123,14 +123,20 @@ class Killer(threading.Thread):
         self.done = threading.Event()
 
     def run(self):
+        span = 0.8  # the kill lands a random delay into a batch; halved each time the batch was done before it
         while not self.done.is_set():  # 1: SIGKILL while a batch is being applied
-            applying = [b for b in self.queue.batches(limit=5) if b["status"] == "applying"]
+            applying = [b["id"] for b in self.queue.batches(limit=5) if b["status"] == "applying"]
             if applying:
-                delay = self.rng.uniform(0.05, 0.8)
+                delay = self.rng.uniform(0.05 * span, span)
                 time.sleep(delay)
+                # only while that batch is still being applied: a kill after its commit would leave the restarted
+                # worker nothing to resume (and, once every request is served, nothing to commit)
+                if applying[0] not in [b["id"] for b in self.queue.batches(limit=5) if b["status"] == "applying"]:
+                    span /= 2
+                    continue
                 self.worker.send_signal(signal.SIGKILL)
                 self.worker.wait()
-                self.killed.append({"how": "SIGKILL", "batch": applying[0]["id"], "after_s": round(delay, 3)})
+                self.killed.append({"how": "SIGKILL", "batch": applying[0], "after_s": round(delay, 3)})
                 break
             time.sleep(0.02)
         if self.done.is_set():
