@@ -17,7 +17,8 @@ import pytest
 import expunge
 from expunge import IndexedDataset, TrainRecipe
 from expunge.service import Database, Queue, Worker, tokens
-from expunge.service.worker import CRASH_ENV, STAGES
+from expunge.errors import ExpungeError
+from expunge.service.worker import CRASH_ENV, HOLD_ENV, STAGES
 from expunge.unlearn.audit import verify_run
 from expunge.unlearn.run import RunModel
 
@@ -27,6 +28,7 @@ SRC = str(Path(expunge.__file__).resolve().parents[1])
 def environment(**extra):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), **extra)
     env.pop(CRASH_ENV, None)
+    env.pop(HOLD_ENV, None)
     env.update(extra)
     return env
 
@@ -88,6 +90,36 @@ def test_a_worker_killed_at_any_stage_resumes_without_losing_duplicating_or_half
     model = exactly_once(runs / "digits", db, request_ids, id_lists)
     assert model.version == 2  # one batch, applied once
     db.dispose()
+
+
+def test_a_worker_sigkilled_while_it_holds_a_batch_leaves_it_for_the_next_worker(runs, db_url, digits_ids, tmp_path):
+    db = Database(db_url).create()
+    id_lists = [digits_ids[20:22], digits_ids[30:31]]
+    request_ids = submit_all(db, "digits", id_lists)
+    queue = Queue(db)
+    queue.set_policy("digits", "test", max_batch=10, max_wait_s=0.0)
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "expunge", "worker", "--runs", str(runs), "--db", db_url],
+                                  env=environment(**{HOLD_ENV: "120"}), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 120
+            while not any(b["status"] == "applying" for b in queue.batches(limit=5)):
+                assert worker.poll() is None and time.time() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
+                time.sleep(0.1)
+        finally:
+            worker.kill()
+            worker.wait()
+    assert RunModel.load(runs / "digits").version == 1  # killed holding the batch: nothing done to the run
+    Worker(runs, db).drain()
+    exactly_once(runs / "digits", db, request_ids, id_lists)
+    db.dispose()
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf"])
+def test_a_hold_that_is_not_a_number_of_seconds_is_refused(runs, db_url, monkeypatch, value):
+    monkeypatch.setenv(HOLD_ENV, value)
+    with pytest.raises(ExpungeError, match=HOLD_ENV):
+        Worker(runs, db_url)
 
 
 def test_two_workers_on_one_database_never_apply_a_batch_twice(runs, db_url, digits_ids, tmp_path):

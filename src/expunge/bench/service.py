@@ -33,7 +33,7 @@ import numpy as np
 
 from ..data import load_dataset
 from ..errors import ExpungeError
-from ..service.worker import CRASH_ENV
+from ..service.worker import CRASH_ENV, HOLD_ENV
 from . import report
 from .deltagrad import RECIPE as DELTAGRAD_RECIPE
 from .sisa import RECIPES as SISA_RECIPES
@@ -112,28 +112,28 @@ class Killer(threading.Thread):
     """Kills the worker twice and restarts it at once each time (what ``expunge serve`` does for its workers): first
     with SIGKILL at a random moment while a batch is being applied; then the restarted worker dies by itself right
     after it commits a version, before the ledger rows and the database hear of it (``EXPUNGE_SERVICE_CRASH_AT=
-    committed``: the worst moment, which a kill from outside would hit only by luck)."""
+    committed``: the worst moment, which a kill from outside would hit only by luck).
+
+    The first worker holds each batch it claims ``HOLD_S`` seconds before applying it (``EXPUNGE_SERVICE_HOLD_S``),
+    and the SIGKILL lands a random delay inside that hold: on a fast machine a whole batch can be applied between two
+    looks at the queue, and a kill aimed at it would miss."""
+
+    HOLD_S = 2.0
 
     def __init__(self, start_worker, queue, seed: int = 0):
         super().__init__(daemon=True)
         self.start_worker, self.queue = start_worker, queue
         self.rng = random.Random(seed)
-        self.worker = start_worker()
+        self.worker = start_worker(hold_s=self.HOLD_S)
         self.killed: list[dict] = []
         self.done = threading.Event()
 
     def run(self):
-        span = 0.8  # the kill lands a random delay into a batch; halved each time the batch was done before it
         while not self.done.is_set():  # 1: SIGKILL while a batch is being applied
             applying = [b["id"] for b in self.queue.batches(limit=5) if b["status"] == "applying"]
             if applying:
-                delay = self.rng.uniform(0.05 * span, span)
+                delay = self.rng.uniform(0.1, 0.75 * self.HOLD_S)
                 time.sleep(delay)
-                # only while that batch is still being applied: a kill after its commit would leave the restarted
-                # worker nothing to resume (and, once every request is served, nothing to commit)
-                if applying[0] not in [b["id"] for b in self.queue.batches(limit=5) if b["status"] == "applying"]:
-                    span /= 2
-                    continue
                 self.worker.send_signal(signal.SIGKILL)
                 self.worker.wait()
                 self.killed.append({"how": "SIGKILL", "batch": applying[0], "after_s": round(delay, 3)})
@@ -191,12 +191,12 @@ def run_case(case: str, data_dir: Path, requests: int = REQUESTS, clients: int =
         port, env = free_port(), _env()
         logs = []
 
-        def start_worker(crash_at=None):
+        def start_worker(crash_at=None, hold_s=None):
             log = open(tmp / f"worker{len(logs)}.log", "w")
             logs.append(log)
+            faults = {**({CRASH_ENV: crash_at} if crash_at else {}), **({HOLD_ENV: str(hold_s)} if hold_s else {})}
             return subprocess.Popen([sys.executable, "-m", "expunge", "worker", "--runs", str(runs), "--db", db_url],
-                                    env=dict(env, **({CRASH_ENV: crash_at} if crash_at else {})), stdout=log,
-                                    stderr=subprocess.STDOUT)
+                                    env=dict(env, **faults), stdout=log, stderr=subprocess.STDOUT)
 
         server_log = open(tmp / "serve.log", "w")
         server = subprocess.Popen([sys.executable, "-m", "expunge", "serve", "--runs", str(runs), "--db", db_url,

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ExpungeError
-from .data import IGNORE
 from .train import row_losses, target_nll
 
 

@@ -43,6 +43,9 @@ log = logging.getLogger("expunge.service.worker")
 # fault injection for the tests and the benchmark: the worker process dies (os._exit) at this stage of a batch
 CRASH_ENV = "EXPUNGE_SERVICE_CRASH_AT"
 STAGES = ("claimed", "committed", "appended")
+# and for a kill from outside: the worker holds each batch it claims this many seconds before applying it, so that a
+# SIGKILL aimed at "a batch being applied" lands there on any machine, however fast the update itself is
+HOLD_ENV = "EXPUNGE_SERVICE_HOLD_S"
 
 
 class Worker:
@@ -56,6 +59,7 @@ class Worker:
         self.crash_at = crash_at if crash_at is not None else os.environ.get(CRASH_ENV) or None
         if self.crash_at is not None and self.crash_at not in STAGES:
             raise ExpungeError(f"{CRASH_ENV}={self.crash_at!r}: choose one of {', '.join(STAGES)}")
+        self.hold_s = _seconds(os.environ.get(HOLD_ENV), HOLD_ENV)
         self._models: dict[str, RunModel] = {}
 
     # ------------------------------------------------------------------ loop
@@ -164,6 +168,8 @@ class Worker:
             if batch.resumed:
                 log.info("batch resumed before commit", extra={"fields": fields})
             self._crash("claimed")
+            if self.hold_s:
+                time.sleep(self.hold_s)
             model = self._model(batch.run, path)
             items = self._plan(model, batch)
             if not items:
@@ -280,6 +286,18 @@ class Worker:
             log.warning("crashing on purpose", extra={"fields": {"worker": self.id, "stage": stage}})
             stop()
             os._exit(86)
+
+
+def _seconds(value: str | None, name: str) -> float:
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ExpungeError(f"{name}={value!r}: give a number of seconds >= 0 (or leave it unset)")
+    return seconds
 
 
 def _loads(value):
