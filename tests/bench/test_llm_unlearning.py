@@ -3,7 +3,7 @@ itself (minutes even in quick mode) is the benchmark's job, not a unit test's.""
 
 import pytest
 
-from expunge.bench import BENCHMARKS, read_rows
+from expunge.bench import BENCHMARKS, read_results, read_rows
 from expunge.bench import llm_unlearning as bench
 from expunge.errors import ExpungeError
 
@@ -28,16 +28,47 @@ def test_registered_with_a_table_and_a_plot(tmp_path):
 def test_limit_asks_for_the_quick_mode_until_the_cli_has_a_flag(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_run(data, quick, progress, console, partial=None):
-        seen["quick"] = quick
+    def fake_run(data, quick, progress, console, partial=None, methods=None):
+        seen["quick"], seen["methods"] = quick, methods
         return rows()
 
     monkeypatch.setattr(bench, "run", fake_run)
     bench.main(tmp_path, tmp_path / "out.json", limit=1)
     assert seen["quick"] is True and len(read_rows(tmp_path / "out.json")) == 6
     seen.clear()
-    bench.main(tmp_path, tmp_path / "out.json")
-    assert seen["quick"] is False
+    bench.main(tmp_path, tmp_path / "out.json", methods="npo, ngdiff")
+    assert seen["quick"] is False and seen["methods"] == ("ngdiff", "npo")
+    assert read_results(tmp_path / "out.json")[1]["settings"]["methods"] == ["ngdiff", "npo"]
+
+
+def test_methods_are_chosen_by_name_and_ngdiff_runs_at_every_rate_first():
+    assert bench.select_methods(None) == bench.RUN_ORDER
+    assert bench.select_methods(["ascent", "ngdiff"]) == ("ngdiff", "ascent")
+    for bad in ("ngdif", "", "target"):
+        with pytest.raises(ExpungeError, match="--methods"):
+            bench.select_methods(bad)
+    plan = bench._update_plan(bench.FULL, bench.RUN_ORDER)
+    ngdiff = [("ngdiff", lr) for lr in bench.FULL.lrs["ngdiff"]]
+    assert plan[:len(ngdiff)] == ngdiff and len(plan) == sum(map(len, bench.FULL.lrs.values()))
+    # the others: each at its first rate before any at its second
+    assert [m for m, _ in plan[len(ngdiff):len(ngdiff) + 4]] == ["npo", "simnpo", "graddiff", "ascent"]
+    assert bench._update_plan(bench.FULL, ("npo",)) == [("npo", lr) for lr in bench.FULL.lrs["npo"]]
+
+
+def test_the_cli_passes_methods_only_to_a_benchmark_that_takes_them(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from expunge.cli import app
+
+    seen = {}
+    monkeypatch.setattr(bench, "main", lambda data, out, methods=None, **kw: seen.update(methods=methods))
+    result = CliRunner().invoke(app, ["bench", "llm-unlearning", "--data", str(tmp_path), "--json",
+                                      str(tmp_path / "o.json"), "--methods", "ngdiff"])
+    assert result.exit_code == 0, result.output
+    assert seen["methods"] == "ngdiff"
+    result = CliRunner().invoke(app, ["bench", "dp-filters", "--data", str(tmp_path), "--json",
+                                      str(tmp_path / "o.json"), "--methods", "ngdiff"])
+    assert result.exit_code != 0 and "no choice of methods" in result.output
 
 
 def test_settings_give_every_method_two_or_three_rates_and_a_missing_folder_is_refused(tmp_path):

@@ -121,6 +121,7 @@ class Settings:
     tiny: dict = field(default_factory=dict)
     world_eval: int | None = None
     forget_questions: int | None = None  # the first this many of the forget split (20 = its first author)
+    method_options: dict = field(default_factory=dict)  # per method, settings beyond lr (NGDiff's rate rule)
 
 
 # sized for ~80 minutes on this 2-core machine while another long job holds both cores (see the docstring)
@@ -128,7 +129,9 @@ FULL = Settings(
     model="smollm2", retain_authors=1, forget_questions=20,
     finetune=dict(epochs=4, lr=5e-4, batch_size=8, max_length=256, seed=0),
     unlearn=dict(epochs=1, batch_size=2, seed=0),
-    lrs={m: (1e-3, 2e-4) for m in METHOD_ORDER},
+    # NGDiff's GeN rate moves at most x1.1 a step (x2.6 over the 10 steps), so its grid adds a start below 2e-4
+    lrs={**{m: (1e-3, 2e-4) for m in METHOD_ORDER}, "ngdiff": (2e-4, 1e-4, 1e-3)},
+    method_options={"ngdiff": dict(rate="gen")},
     retain_eval=5, max_new_tokens=32, short_new_tokens=12, world_knowledge=True, world_eval=5,
     muse=dict(docs=4, doc_tokens=64, prompt_tokens=32, finetune=dict(epochs=5, lr=5e-4, batch_size=8, seed=0),
               unlearn=dict(epochs=2, batch_size=2, seed=0), lr=1e-3),
@@ -138,6 +141,7 @@ QUICK = Settings(
     finetune=dict(epochs=10, lr=4e-3, batch_size=8, max_length=192, seed=0, vocab_size=1024),
     unlearn=dict(epochs=2, batch_size=8, seed=0),
     lrs={m: (3e-4, 1e-3) for m in METHOD_ORDER},
+    method_options={"ngdiff": dict(rate="gen")},
     retain_eval=20, max_new_tokens=24, short_new_tokens=8, world_knowledge=False,
     muse=dict(docs=6, doc_tokens=64, prompt_tokens=32, finetune=dict(epochs=20, lr=4e-3, batch_size=6, seed=0,
                                                                      vocab_size=512),
@@ -197,7 +201,8 @@ def _recipe(options: dict):
 # --------------------------------------------------------------------------------------------- TOFU
 
 
-def _tofu_case(data_dir: Path, settings: Settings, shared, console, progress: bool, keep) -> list[dict]:
+def _tofu_case(data_dir: Path, settings: Settings, shared, console, progress: bool, keep,
+               methods: tuple[str, ...] = RUN_ORDER) -> list[dict]:
     from ..lm import encode, load_corpus
     from ..lm.evaluation import evaluate_lm
     from ..lm.metrics import forget_quality
@@ -222,7 +227,7 @@ def _tofu_case(data_dir: Path, settings: Settings, shared, console, progress: bo
     recipe = _recipe(ft)
     _say(console, f"TOFU: {len(corpus)} QA rows ({int(is_forget.sum())} forget), {int(data.lengths.sum())} tokens a "
                   f"pass; model {settings.model}")
-    _estimate(console, settings, data, is_forget)
+    _estimate(console, settings, data, is_forget, methods)
 
     target, target_seconds = _finetune(base, data, recipe)
     reference, retrain_seconds = _finetune(base, data, recipe, active=~is_forget)
@@ -257,23 +262,29 @@ def _tofu_case(data_dir: Path, settings: Settings, shared, console, progress: bo
     for row in rows:
         keep(row)
     del base
-    # every method at its first rate, then every method at its second: a run cut short has each method once
-    for lr_index in range(max(len(v) for v in settings.lrs.values())):
-        for method in RUN_ORDER:
-            if lr_index >= len(settings.lrs[method]):
-                continue
-            lr = settings.lrs[method][lr_index]
-            model = copy.deepcopy(target)
-            result = make_unlearner(method, lr=lr, **settings.unlearn).update(model, forget_data, retain_data,
-                                                                              progress=progress)
-            rows.append(_tofu_row(method, lr, evaluate(model, ref_eval).figures, result.seconds, retrain_seconds,
-                                  result))
-            keep(rows[-1])
-            del model
+    for method, lr in _update_plan(settings, methods):
+        model = copy.deepcopy(target)
+        unlearner = make_unlearner(method, lr=lr, **settings.unlearn, **settings.method_options.get(method, {}))
+        result = unlearner.update(model, forget_data, retain_data, progress=progress)
+        rows.append(_tofu_row(method, lr, evaluate(model, ref_eval).figures, result.seconds, retrain_seconds,
+                              result, unlearner))
+        keep(rows[-1])
+        del model
     return rows
 
 
-def _tofu_row(method, lr, figures, seconds, retrain_seconds, result) -> dict:
+def _update_plan(settings: Settings, methods: tuple[str, ...]) -> list[tuple[str, float]]:
+    """(method, lr) of every TOFU update in the order they run: NGDiff at each of its rates first (the method the
+    benchmark is about), then every other method at its first rate, then at its second (a run cut short still
+    has every method once)."""
+    plan = [("ngdiff", lr) for lr in settings.lrs["ngdiff"]] if "ngdiff" in methods else []
+    others = [m for m in methods if m != "ngdiff"]
+    for lr_index in range(max(len(v) for v in settings.lrs.values())):
+        plan += [(m, settings.lrs[m][lr_index]) for m in others if lr_index < len(settings.lrs[m])]
+    return plan
+
+
+def _tofu_row(method, lr, figures, seconds, retrain_seconds, result, unlearner=None) -> dict:
     row = {"benchmark": "tofu", "method": method, "lr": lr, "forget_quality": figures.get("forget_quality"),
            "model_utility": figures["model_utility"], "forget_truth_ratio": figures["forget_truth_ratio"],
            "seconds": seconds, "retrain_seconds": retrain_seconds,
@@ -282,13 +293,16 @@ def _tofu_row(method, lr, figures, seconds, retrain_seconds, result) -> dict:
     if result is not None:
         row.update(steps=result.steps, tokens=result.tokens, rates=result.rates,
                    final_forget_nll=result.forget_nll, final_retain_nll=result.retain_nll)
+    if unlearner is not None and "rate" in unlearner.config():
+        row["rate_rule"] = unlearner.config()["rate"]
     return row
 
 
 # --------------------------------------------------------------------------------------------- MUSE-News
 
 
-def _muse_case(data_dir: Path, settings: Settings, shared, console, progress: bool, keep) -> list[dict]:
+def _muse_case(data_dir: Path, settings: Settings, shared, console, progress: bool, keep,
+               methods: tuple[str, ...] = RUN_ORDER) -> list[dict]:
     import json
 
     from ..lm import encode
@@ -327,10 +341,10 @@ def _muse_case(data_dir: Path, settings: Settings, shared, console, progress: bo
     for row in rows:
         keep(row)
     forget_data, retain_data = data.take(np.flatnonzero(is_forget)), data.take(np.flatnonzero(~is_forget))
-    for method in RUN_ORDER:
+    for method in methods:
         model = copy.deepcopy(target)
-        result = make_unlearner(method, lr=m["lr"], **m["unlearn"]).update(model, forget_data, retain_data,
-                                                                           progress=progress)
+        unlearner = make_unlearner(method, lr=m["lr"], **m["unlearn"], **settings.method_options.get(method, {}))
+        result = unlearner.update(model, forget_data, retain_data, progress=progress)
         out = evaluate_muse(model, tokenizer, muse, reference=ref, **options)
         rows.append(_muse_row(method, m["lr"], out.figures, result.seconds, retrain_seconds,
                               parameter_distance(model, reference)))
@@ -375,13 +389,13 @@ TRAIN_TOKENS_PER_S = {"smollm2": 55.0, "tiny-llama": 3000.0}
 FORWARD_TOKENS_PER_S = {"smollm2": 260.0, "tiny-llama": 20000.0}
 
 
-def _estimate(console, settings: Settings, data, is_forget) -> None:
+def _estimate(console, settings: Settings, data, is_forget, methods=RUN_ORDER) -> None:
     """Print the plan's size and a time from the speeds above (generation not counted)."""
     per_row, n_forget = float(data.lengths.mean()), int(is_forget.sum())
     ft = settings.finetune["epochs"] * per_row * (len(data) + int((~is_forget).sum()))
     batch = settings.unlearn["batch_size"]
     steps = settings.unlearn["epochs"] * math.ceil(n_forget / batch)
-    runs = sum(len(v) for v in settings.lrs.values())
+    runs = sum(len(settings.lrs[m]) for m in methods)
     unlearn = runs * steps * 2 * batch * per_row
     world = 2 * (settings.world_eval or 100) * 4 * 0.4 * per_row if settings.world_knowledge else 0  # short rows
     evals = (runs + 2) * (7 * (n_forget + settings.retain_eval) * per_row + world)
@@ -392,14 +406,29 @@ def _estimate(console, settings: Settings, data, is_forget) -> None:
                   "for TOFU before generation, at one thread's idle speed")
 
 
+def select_methods(methods=None) -> tuple[str, ...]:
+    """The methods a run updates with, in run order: all of them (None), or those named (a list or a
+    comma-separated string)."""
+    if methods is None:
+        return RUN_ORDER
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    unknown = sorted(set(names) - set(RUN_ORDER))
+    if unknown or not names:
+        raise ExpungeError(f"--methods: unknown or no method(s) {unknown}; name some of {', '.join(METHOD_ORDER)}, "
+                           "comma-separated (target and retrain always run: forget quality needs the retrained model)")
+    return tuple(m for m in RUN_ORDER if m in names)
+
+
 def run(data_dir, quick: bool = False, progress: bool = True, console=None, muse: bool = True,
-        partial=None) -> list[dict]:
+        partial=None, methods=None) -> list[dict]:
     """Every row of the benchmark. ``partial``: a JSON file rewritten with the rows so far as each one comes, so a
-    run stopped early keeps what it measured (the TOFU case runs first, NGDiff first in it, MUSE-News last)."""
+    run stopped early keeps what it measured (the TOFU case runs first, NGDiff first in it, MUSE-News last).
+    ``methods``: only these updates (see select_methods); the target and the retrained reference always run."""
     import json
 
     import torch
 
+    methods = select_methods(methods)
     data_dir = Path(data_dir)
     if not (data_dir / "tofu" / "full.json").exists():
         raise ExpungeError(f"{data_dir / 'tofu' / 'full.json'} not found; pass --data pointing at the shared data "
@@ -420,9 +449,9 @@ def run(data_dir, quick: bool = False, progress: bool = True, console=None, muse
 
     try:
         shared = load_smollm2() if settings.model == "smollm2" else None
-        rows = _tofu_case(data_dir, settings, shared, console, progress, keep)
+        rows = _tofu_case(data_dir, settings, shared, console, progress, keep, methods)
         if muse and settings.muse is not None and (data_dir / "muse_news" / "privleak" / "forget.json").exists():
-            rows += _muse_case(data_dir, settings, shared, console, progress, keep)
+            rows += _muse_case(data_dir, settings, shared, console, progress, keep, methods)
         elif muse:
             _say(console, f"{data_dir / 'muse_news'} not found: the MUSE-News case is skipped")
     finally:
@@ -483,15 +512,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(data_dir, json_out, repeats: int = 1, limit: int | None = None, progress: bool = True, console=None,
-         quick: bool | None = None) -> list[dict]:
+         quick: bool | None = None, methods=None) -> list[dict]:
     """The bench entry point. ``quick`` runs the tiny model; until the CLI has a ``--quick`` flag, ``--limit``
-    (any value) asks for it too. ``repeats`` does not apply: every figure is deterministic."""
+    (any value) asks for it too. ``repeats`` does not apply: every figure is deterministic. ``methods``
+    (``--methods ngdiff,npo``): only these updates, beside the target and the retrained reference."""
     quick = quick if quick is not None else limit is not None
+    methods = select_methods(methods)
     partial = Path(json_out).with_suffix(".partial.json") if json_out else None
-    rows = run(data_dir, quick=quick, progress=progress, console=console, partial=partial)
+    rows = run(data_dir, quick=quick, progress=progress, console=console, partial=partial, methods=methods)
     from dataclasses import asdict
 
-    recorded = dict(asdict(QUICK if quick else FULL), threads=int(os.environ.get("EXPUNGE_BENCH_THREADS", "1")))
+    recorded = dict(asdict(QUICK if quick else FULL), threads=int(os.environ.get("EXPUNGE_BENCH_THREADS", "1")),
+                    methods=list(methods))
     out = report(rows, json_out, table, plot, console, settings=recorded)
     if partial is not None:
         partial.unlink(missing_ok=True)
@@ -503,8 +535,9 @@ if __name__ == "__main__":
     parser.add_argument("--data", default="../shared/data")
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--methods", default=None, help="comma-separated, e.g. ngdiff,npo (default: all)")
     args = parser.parse_args()
     from rich.console import Console
 
     out = args.json or f"benchmarks/results/llm-unlearning{'-quick' if args.quick else ''}.json"
-    main(args.data, out, quick=args.quick, console=Console())
+    main(args.data, out, quick=args.quick, console=Console(), methods=args.methods)
