@@ -89,6 +89,35 @@ def test_ngdiff_adapts_its_rate_on_the_retain_loss(trained):
     assert make_unlearner("ngdiff", **NGDiff(lr=1e-3).config()).config() == NGDiff(lr=1e-3).config()
 
 
+def test_ngdiff_measures_its_rate_on_fresh_retain_rows_by_default(trained):
+    forget, retain = split(trained.data)
+    seen = []
+
+    def rule(update, loss_along, lr):  # records the loss at the step's start, keeps the rate
+        seen.append(loss_along(0.0))
+        return lr
+
+    plan = paired_batches(len(forget), len(retain), 2, 2 + 2, epochs=1, seed=0, max_steps=1)
+    step_rows, probe_rows = plan[0][1][:2], plan[0][1][2:]
+    assert not set(step_rows) & set(probe_rows)
+    model = copy.deepcopy(trained.model).eval()
+    with torch.no_grad():
+        on_probe = float(row_losses(model, retain.batch(probe_rows, "cpu")).mean())
+        on_step = float(row_losses(model, retain.batch(step_rows, "cpu")).mean())
+    fresh = NGDiff(lr=1e-3, epochs=1, max_steps=1, batch_size=2, seed=0, rate=rule)
+    assert fresh.rate_probe == "fresh" and NGDiff().rate == "gen" and fresh.probe_size() == 2
+    result = fresh.update(model, forget, retain)
+    assert seen == [pytest.approx(on_probe, rel=1e-5)]
+    assert result.retain_nlls == [pytest.approx(on_step, rel=1e-5)]  # the step's own loss: the step's rows
+    seen.clear()
+    NGDiff(lr=1e-3, epochs=1, max_steps=1, batch_size=2, seed=0, rate=rule, rate_probe="batch").update(
+        copy.deepcopy(trained.model), forget, retain)
+    assert seen == [pytest.approx(on_step, rel=1e-5)]
+    assert NGDiff(rate="fixed").probe_size() == 0
+    with pytest.raises(ExpungeError, match="rate_probe"):
+        NGDiff(rate_probe="same")
+
+
 def test_npo_takes_its_reference_from_the_model_before_the_request(trained):
     forget, retain = split(trained.data)
     model = copy.deepcopy(trained.model).eval()

@@ -78,11 +78,11 @@ def test_a_crash_in_the_middle_leaves_the_previous_version(tmp_path, monkeypatch
     model_hash, weights = run.manifest["model_hash"], weights_hash(run.model)
     calls = []
 
-    def crash(self, *args):
+    def crash(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("killed in the middle")
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     original = NGDiff.step
     monkeypatch.setattr(NGDiff, "step", crash)

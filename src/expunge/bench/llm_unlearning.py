@@ -131,7 +131,7 @@ FULL = Settings(
     unlearn=dict(epochs=1, batch_size=2, seed=0),
     # NGDiff's GeN rate moves at most x1.1 a step (x2.6 over the 10 steps), so its grid adds a start below 2e-4
     lrs={**{m: (1e-3, 2e-4) for m in METHOD_ORDER}, "ngdiff": (2e-4, 1e-4, 1e-3)},
-    method_options={"ngdiff": dict(rate="gen")},
+    method_options={"ngdiff": dict(rate="gen", rate_probe="fresh")},
     retain_eval=5, max_new_tokens=32, short_new_tokens=12, world_knowledge=True, world_eval=5,
     muse=dict(docs=4, doc_tokens=64, prompt_tokens=32, finetune=dict(epochs=5, lr=5e-4, batch_size=8, seed=0),
               unlearn=dict(epochs=2, batch_size=2, seed=0), lr=1e-3),
@@ -141,7 +141,7 @@ QUICK = Settings(
     finetune=dict(epochs=10, lr=4e-3, batch_size=8, max_length=192, seed=0, vocab_size=1024),
     unlearn=dict(epochs=2, batch_size=8, seed=0),
     lrs={m: (3e-4, 1e-3) for m in METHOD_ORDER},
-    method_options={"ngdiff": dict(rate="gen")},
+    method_options={"ngdiff": dict(rate="gen", rate_probe="fresh")},
     retain_eval=20, max_new_tokens=24, short_new_tokens=8, world_knowledge=False,
     muse=dict(docs=6, doc_tokens=64, prompt_tokens=32, finetune=dict(epochs=20, lr=4e-3, batch_size=6, seed=0,
                                                                      vocab_size=512),
@@ -295,6 +295,7 @@ def _tofu_row(method, lr, figures, seconds, retrain_seconds, result, unlearner=N
                    final_forget_nll=result.forget_nll, final_retain_nll=result.retain_nll)
     if unlearner is not None and "rate" in unlearner.config():
         row["rate_rule"] = unlearner.config()["rate"]
+        row["rate_probe"] = unlearner.config().get("rate_probe")
     return row
 
 

@@ -16,8 +16,8 @@ loss at theta_0 + eta * u (no gradients; the model is restored afterwards). The 
   L- = loss_along(-lr), the parabola through them has its minimum at ``lr * (L- - L+) / (2 (L+ - 2 L0 + L-))``.
   When the curvature is not positive (or not finite) the fit has no minimum and the rate is kept; the
   factor by which one step may change the rate is bounded by ``max_factor`` (the fit extrapolates). No
-  smoothing: on SmolLM2 (benchmarks/results/llm-unlearning.json) it doubled NGDiff's rate step after step, from
-  1e-3 to 1e-2 in 10 steps, and the model lost its answers; prefer ``gen``.
+  smoothing: on SmolLM2 it doubled NGDiff's rate step after step, from 2e-4 to 1.2e-2 in 10 steps, and the
+  model lost its answers (the run of commit 3f28ee4); prefer ``gen``, NGDiff's default.
 - ``GeNRate`` (``gen``): GeN's own decision (expunge.optim.gen.fit_rate: a descent direction, curvature above
   the loss's floating-point resolution) and its smoothed update of the rate, eta <- s eta + (1 - s)
   clip(eta*, eta/c, c eta) with s = 0.9 and c = 2 as in the paper (at most x1.1 a step); an estimate that is

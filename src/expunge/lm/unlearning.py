@@ -26,13 +26,19 @@ commits the updated weights as a new version only after ``update`` returns.
 NGDiff and its rate. The paper (Jin, Bu, Vinzamuri, Ramakrishna, Chang, Cevher, Hong, NAACL 2025) feeds the
 normalised difference ``g_R/||g_R|| - g_F/||g_F||`` to the base optimizer in place of the gradient and sets the
 learning rate automatically with GeN (Bu & Xu: the Newton step ``eta* = G'd / d'Hd`` along the optimizer's
-update d, estimated from the loss at theta and theta +- eta d), as we read it on the multi-task objective (the
-retain loss minus the forget loss). Here the base optimizer likewise receives the direction, but the rate is
-fitted on the retain loss NLL_R alone (``rate="quadratic"``, or any rule of rates.py): the forget part -NLL_F
-is unbounded below, so a local quadratic model of the whole objective has no trustworthy minimum along a
-direction that ascends NLL_F (its curvature is negative or vanishing, and the fitted rate would grow without
-bound), while the retain loss is bounded below and is what the step must not spoil; the direction's forget
-component still sets where the step goes. ``rate="fixed"`` uses the optimizer's rate unchanged.
+update d, estimated from the loss at theta and theta +- eta d, then smoothed, eta <- 0.9 eta + 0.1 clip(eta*,
+eta/2, 2 eta)), as we read it on the multi-task objective (the retain loss minus the forget loss). Here the base
+optimizer likewise receives the direction and the rate is GeN's (``rate="gen"``, rates.GeNRate: GeN's acceptance
+tests and its smoothing, so at most x1.1 and at least x0.95 a step), but fitted on the retain loss NLL_R alone:
+the forget part -NLL_F is unbounded below, so a local quadratic model of the whole objective has no trustworthy
+minimum along a direction that ascends NLL_F (its curvature is negative or vanishing, and the fitted rate would
+grow without bound), while the retain loss is bounded below and is what the step must not spoil; the
+direction's forget component still sets where the step goes. The retain loss is measured on rows the step's
+gradient did not see (``rate_probe="fresh"``: the next rows of the seeded retain stream, as GeN probes on a
+fresh batch): on the step's own rows the loss keeps falling along a step made to lower it, the optimum always
+looks farther out, and the rate grew by its cap at every step on SmolLM2 (benchmarks/results/llm-unlearning.json:
+x1.1 a step with ``gen``, x2 with the unsmoothed ``quadratic`` fit, which took 2e-4 to 1.2e-2 in 10 steps and
+lost the answers). ``rate_probe="batch"`` measures on the step's rows; ``rate="fixed"`` keeps the optimizer's rate.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from .rates import RateRule, rate_rule
 from .train import row_losses, trainable_parameters
 
 OPTIMIZERS = ("adamw", "sgd")
+RATE_PROBES = ("fresh", "batch")
 
 
 @dataclass
@@ -162,9 +169,10 @@ class LMUnlearner:
         raise NotImplementedError
 
     def step(self, model, optimizer, params, forget: dict, retain: dict | None,
-             forget_rows: np.ndarray) -> tuple[Objective, float]:
+             forget_rows: np.ndarray, probe: dict | None = None) -> tuple[Objective, float]:
         """One update: the objective's gradient, clipped, then the optimizer's step. Returns the objective
-        (measured before the step) and the rate used."""
+        (measured before the step) and the rate used. ``probe``: retain rows the step's gradient did not see
+        (only for a method whose ``probe_size()`` is positive)."""
         optimizer.zero_grad(set_to_none=True)
         measured = self.objective(model, forget, retain, forget_rows)
         if not torch.isfinite(measured.loss):
@@ -177,6 +185,10 @@ class LMUnlearner:
 
     def prepare(self, model, forget: TokenDataset) -> None:
         """Work done once before the first step, with the model as it was (NPO: the reference log-probs)."""
+
+    def probe_size(self) -> int:
+        """Retain rows drawn for each step beside its retain batch, for the step to measure its rate on (0: none)."""
+        return 0
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -228,8 +240,12 @@ class LMUnlearner:
     def _loop(self, model, forget: TokenDataset, retain: TokenDataset | None, progress: bool) -> UnlearnResult:
         device = next(model.parameters()).device
         retain = retain if self.uses_retain else None
+        retain_size = self.retain_batch_size or self.batch_size
+        probe_size = self.probe_size() if retain is not None else 0
+        # the probe rows come next in the same seeded retain stream: disjoint from the step's retain rows whenever
+        # the retain set holds both
         plan = paired_batches(len(forget), len(retain) if retain is not None else 0, self.batch_size,
-                              self.retain_batch_size or self.batch_size, self.epochs, self.seed, self.max_steps)
+                              retain_size + probe_size, self.epochs, self.seed, self.max_steps)
         params = trainable_parameters(model)
         optimizer = _optimizer(params, self)
         result = UnlearnResult(self.name)
@@ -239,10 +255,13 @@ class LMUnlearner:
                 self.prepare(model, forget)
             model.train()
             for t, (forget_rows, retain_rows) in track(enumerate(plan), len(plan), f"unlearning ({self.name})", progress):
+                retain_rows, probe_rows = retain_rows[:retain_size], retain_rows[retain_size:]
                 forget_batch = forget.batch(forget_rows, device)
                 retain_batch = retain.batch(retain_rows, device) if retain is not None else None
+                extra = {"probe": retain.batch(probe_rows, device)} if probe_size else {}
                 with seeded(step_seed(self.seed, t)):
-                    measured, rate = self.step(model, optimizer, params, forget_batch, retain_batch, forget_rows)
+                    measured, rate = self.step(model, optimizer, params, forget_batch, retain_batch, forget_rows,
+                                               **extra)
                 result.steps += 1
                 result.losses.append(float(measured.loss.detach()))
                 result.forget_nlls.append(measured.forget_nll)
@@ -330,18 +349,28 @@ class SimNPO(LMUnlearner):
 @dataclass
 class NGDiff(LMUnlearner):
     """Normalised gradient difference: the base optimizer steps along ``g_R/||g_R|| - g_F/||g_F||`` at a rate
-    chosen by ``rate`` (a rule of rates.py: ``quadratic`` fits it on the retain loss each step, ``fixed`` keeps
-    ``lr``; or any RateRule callable, e.g. GeN's)."""
+    chosen by ``rate`` (a rule of rates.py: ``gen``, GeN's smoothed Newton rate on the retain loss, the default;
+    ``quadratic`` the unsmoothed fit; ``fixed`` keeps ``lr``; or any RateRule callable). ``rate_probe``: the
+    retain rows the rule measures the loss on, ``fresh`` (the next ``retain_batch_size`` rows of the seeded
+    retain stream, which the step's gradient did not see, as GeN probes on a fresh batch) or ``batch`` (the
+    step's own retain rows). See the module docstring."""
 
-    rate: str | RateRule = "quadratic"
+    rate: str | RateRule = "gen"
+    rate_probe: str = "fresh"
 
     name: ClassVar[str] = "ngdiff"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.rate_probe not in RATE_PROBES:
+            raise ExpungeError(f"unknown rate_probe {self.rate_probe!r}; choose one of {', '.join(RATE_PROBES)}")
         self._rule = rate_rule(self.rate)
 
-    def step(self, model, optimizer, params, forget, retain, forget_rows):
+    def probe_size(self) -> int:
+        fresh = self.rate_probe == "fresh" and getattr(self._rule, "evaluates_loss", True)
+        return (self.retain_batch_size or self.batch_size) if fresh else 0
+
+    def step(self, model, optimizer, params, forget, retain, forget_rows, probe=None):
         retain_nll = row_losses(model, retain).mean()
         retain_grads = _grads(retain_nll, params)
         forget_nll = row_losses(model, forget).mean()
@@ -352,7 +381,8 @@ class NGDiff(LMUnlearner):
             p.grad = d
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        rate = staged_step(model, optimizer, params, self._rule, lambda: float(row_losses(model, retain).mean()))
+        measure = retain if probe is None else probe
+        rate = staged_step(model, optimizer, params, self._rule, lambda: float(row_losses(model, measure).mean()))
         measured = Objective(retain_nll.detach() - forget_nll.detach(), float(forget_nll.detach()),
                              float(retain_nll.detach()))
         return measured, rate
