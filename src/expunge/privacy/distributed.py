@@ -29,10 +29,14 @@ autograd does not compute for most layers; the engine's reduction of the clipped
 engine's collectives run on a process group of their own, so their order never interleaves with FSDP's
 all-gathers. Every reduction is a sum, and make_private checks that the backend's collectives do sum (a
 reduce-scatter that averaged, as FSDP2's did on gloo in some torch versions, would scale every update by 1/W).
+
+``spawn(fn, nproc, ...)`` runs a training in nproc fresh processes of one machine joined in a gloo group (what
+``expunge train --dp --nproc N`` uses for tabular and language-model runs) and hands back rank 0's result.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -286,3 +290,41 @@ def load_checkpoint(directory, model: nn.Module, optimizer, engine) -> None:
     dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory / "shards"))
     set_state_dict(model, base, model_state_dict=model_state, optim_state_dict=optim_state)
     engine.load_state_dict(torch.load(directory / "engine.pt", weights_only=False))
+
+
+# -- launching ---------------------------------------------------------------------------------------------
+def spawn(fn, nproc: int, *args):
+    """Run ``fn(rank, *args)`` in ``nproc`` fresh processes (torch.multiprocessing.spawn) joined in a gloo process
+    group (a file rendezvous in a temporary folder) and return rank 0's result. ``fn`` must be a module-level
+    function and its arguments picklable. When a rank fails, spawn ends the others (none waits on a collective
+    forever); an ExpungeError raised by a rank is raised here as one, with its message."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ExpungeError(f"--nproc must be a positive number of processes, got {nproc!r}")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            mp.spawn(_spawned, args=(fn, nproc, folder, args), nprocs=nproc, join=True)
+        except mp.ProcessRaisedException:
+            refused = sorted(Path(folder).glob("refused-*.txt"))
+            if refused:
+                raise ExpungeError(refused[0].read_text()) from None
+            raise
+        return torch.load(Path(folder) / "result.pt", weights_only=False)
+
+
+def _spawned(rank: int, fn, nproc: int, folder: str, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=nproc)
+    try:
+        result = fn(rank, *args)
+        if rank == 0:
+            partial = Path(folder) / "result.pt.partial"
+            torch.save(result, partial)
+            os.replace(partial, Path(folder) / "result.pt")
+    except ExpungeError as e:
+        (Path(folder) / f"refused-{rank}.txt").write_text(str(e))
+        raise
+    finally:
+        dist.destroy_process_group()

@@ -31,6 +31,7 @@ the privacy accounting lists it as a public phase, which adds nothing to epsilon
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -47,6 +48,7 @@ from ..lm import (Corpus, LMRecipe, dp_hook, encode, folder_hash, frozen_hash, l
 from ..lm.determinism import num_threads
 from ..lm.models import TINY_ARCHITECTURES, parameter_count
 from ..privacy.accounting import Phase, check_delta
+from ..privacy.distributed import spawn
 from ..privacy.engine import check_private_settings
 from .base import UpdateReport
 from .registry import LM, OWN_RUN, find, kind_of, make_updater, resolve
@@ -112,26 +114,35 @@ class LMRetrain:
 
 class LMPrivateTraining(LMRetrain):
     """Private training of a language model through the privacy engine (``expunge.lm.dp_hook``); retraining a
-    private run is this training on the remaining rows with the same settings and seed."""
+    private run is this training on the remaining rows with the same settings and seed.
+
+    ``nproc`` > 1 trains data parallel in that many processes of this machine (gloo on the CPU, the model in
+    DistributedDataParallel: ``expunge.privacy.distributed``): the logical batches, the noise and epsilon are one
+    process's with the same seed, and the weights equal one process's to the rounding of the sums over the ranks.
+    Retraining uses the run's own ``nproc`` (its config), so a deletion reproduces the training bit for bit."""
 
     name = "lm-dp"
     private = True
 
     def __init__(self, epsilon: float | None = None, delta: float = 1e-5, noise_multiplier: float | None = None,
                  max_grad_norm: float = 1.0, clipping: str = "all-layer", clip_fn: str = "abadi",
-                 physical_batch_size: int | None = None, accountant: str = "pld", public_steps: int = 0):
+                 physical_batch_size: int | None = None, accountant: str = "pld", public_steps: int = 0,
+                 nproc: int = 1):
         check_private_settings(epsilon, noise_multiplier, delta, clip_fn, clipping)
         if physical_batch_size is not None and physical_batch_size < 1:
             raise ExpungeError(f"--physical-batch-size must be at least 1, got {physical_batch_size}")
+        if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+            raise ExpungeError(f"--nproc must be a positive number of processes, got {nproc!r}")
         self.epsilon, self.delta, self.noise_multiplier = epsilon, delta, noise_multiplier
         self.max_grad_norm, self.clipping, self.clip_fn = max_grad_norm, clipping, clip_fn
         self.physical_batch_size, self.accountant, self.public_steps = physical_batch_size, accountant, public_steps
+        self.nproc = nproc
 
     def config(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "max_grad_norm": self.max_grad_norm, "clipping": self.clipping, "clip_fn": self.clip_fn,
                 "physical_batch_size": self.physical_batch_size, "accountant": self.accountant,
-                "public_steps": self.public_steps}
+                "public_steps": self.public_steps, "nproc": self.nproc}
 
     def check(self, recipe: LMRecipe, n_rows: int) -> None:
         if recipe.lr_auto:
@@ -144,12 +155,32 @@ class LMPrivateTraining(LMRetrain):
             raise ExpungeError(f"the expected batch (--batch-size {recipe.batch_size} x --grad-accum "
                                f"{recipe.grad_accum} = {recipe.step_rows} rows) is larger than the data ({n_rows} rows)")
         check_delta(self.delta, n_rows)
+        if self.nproc > 1:
+            if recipe.device is not None and recipe.device != "cpu":
+                raise ExpungeError(f"--nproc trains in processes on the CPU (gloo), not on {recipe.device}: add "
+                                   "--device cpu, or drop --nproc")
+            if self.nproc > recipe.step_rows:
+                raise ExpungeError(f"--nproc {self.nproc} is more processes than the expected batch has rows "
+                                   f"({recipe.step_rows} = --batch-size x --grad-accum): most ranks would draw nothing; "
+                                   f"use at most {recipe.step_rows}")
 
     def train(self, model, data, recipe: LMRecipe, active: np.ndarray, progress: bool = False):
+        if self.nproc == 1:
+            return self._train(model, data, recipe, active, progress)
+        # every rank trains a copy at this process's thread count (CPU sums depend on it); rank 0 sends back
+        # the trained weights, the (whole training's) result and the privacy summary
+        state, result, privacy = spawn(_train_rank, self.nproc, self, model, data, recipe, active,
+                                       torch.get_num_threads(), progress)
+        with torch.no_grad():
+            model.load_state_dict(state)
+        return result, privacy
+
+    def _train(self, model, data, recipe: LMRecipe, active: np.ndarray, progress: bool, distributed=None):
         public = [Phase(0.0, 0.0, self.public_steps, private=False, name="public")] if self.public_steps else None
         hook = dp_hook(target_epsilon=self.epsilon, target_delta=self.delta, noise_multiplier=self.noise_multiplier,
                        max_grad_norm=self.max_grad_norm, physical_batch_size=self.physical_batch_size,
-                       clipping=self.clipping, clip_fn=self.clip_fn, accountant=self.accountant, prior_phases=public)
+                       clipping=self.clipping, clip_fn=self.clip_fn, accountant=self.accountant, prior_phases=public,
+                       distributed=distributed)
         result = train_lm(model, data, recipe, active, private=hook, progress=progress)
         try:
             privacy = result.engine.summary(self.delta)
@@ -157,6 +188,25 @@ class LMPrivateTraining(LMRetrain):
             result.engine.detach()  # the model leaves with no hooks attached
         privacy["target_epsilon"] = self.epsilon
         return result, privacy
+
+
+def _train_rank(rank: int, updater: LMPrivateTraining, model, data, recipe: LMRecipe, active: np.ndarray,
+                threads: int, progress: bool):
+    """One process of ``--nproc`` private LM training (privacy.distributed.spawn)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(threads)
+    model = copy.deepcopy(model)  # spawn hands every rank the same shared-memory tensors: each needs its own
+    # buffers (rotary tables) are constants: no broadcast at each forward, which a rank with an empty draw skips
+    # (forward_sync_buffers is the newer torch's name for it)
+    import inspect
+
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    parallel = DistributedDataParallel(model, **{no_sync: False})
+    result, privacy = updater._train(parallel, data, recipe, active, progress and rank == 0, distributed=True)
+    result.engine = None  # hooks detached; the privacy summary carries what it knew
+    return (model.state_dict(), result, privacy) if rank == 0 else None
 
 
 class LMRun(RunModel):
