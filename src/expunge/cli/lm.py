@@ -31,7 +31,7 @@ def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: flo
                  tiny_config: str | None, truncate_documents: bool, public_data: list[str],
                  public_epochs: int | None, dp: bool, epsilon: float | None, delta: float | None,
                  noise_multiplier: float | None, clip_fn: str, clipping: str, physical_batch_size: int | None,
-                 accountant: str, signing_key, quiet: bool) -> dict:
+                 accountant: str, nproc: int, signing_key, quiet: bool) -> dict:
     """Read the corpus, check everything, train and write the run; returns the training's ledger report."""
     from ..lm import LMRecipe, load_corpus
     from ..unlearn.lm_run import LMPrivateTraining, LMRetrain, LMRun
@@ -50,7 +50,7 @@ def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: flo
         updater = LMPrivateTraining(epsilon=epsilon, delta=1e-5 if delta is None else delta,
                                     noise_multiplier=noise_multiplier, max_grad_norm=1.0 if max_grad_norm is None
                                     else max_grad_norm, clipping=clipping, clip_fn=clip_fn,
-                                    physical_batch_size=physical_batch_size, accountant=accountant)
+                                    physical_batch_size=physical_batch_size, accountant=accountant, nproc=nproc)
     else:
         updater = LMRetrain()
     run = LMRun.train(corpus, recipe, updater, out=out, source=sources, public=public,
@@ -62,7 +62,8 @@ def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: flo
         info, metrics = run.manifest["lm"], report["metrics"]
         lora = f", LoRA rank {recipe.lora_rank}" if recipe.lora else ""
         console.print(f"trained {model} ({info['parameters']:,} parameters, {info['trainable_parameters']:,} trained"
-                      f"{lora}) on {len(corpus)} rows, {metrics['steps']} steps in {report['seconds']:.2f} s, "
+                      f"{lora}) on {len(corpus)} rows, {metrics['steps']} steps in {report['seconds']:.2f} s"
+                      + (f" ({nproc} processes, data parallel)" if nproc > 1 else "") + ", "
                       f"final loss {metrics['final_loss']:.4f} -> {out}", highlight=False)
         console.print(f"model (AutoModelForCausalLM/AutoTokenizer.from_pretrained): {run.model_path}", highlight=False)
         if info.get("public"):
