@@ -23,6 +23,11 @@ process group changes:
   independent noise, from a stream of its own, to its shard: every coordinate gets noise once.
 - The average is over the expected global batch q n; the accountant sees the global q and the logical
   steps: epsilon is the one-process engine's.
+- Gradient transforms (DiSK, DOPPLER, DiceSGD) run with replicated parameters: once the sums are reduced (and,
+  for DiceSGD, the unclipped sums too), every rank runs the one-process release on them, so the transforms'
+  state is the same on every rank. DiSK's second evaluation point defers clipping to step(), so its sums are
+  reduced there rather than from the backward pass. Under FSDP2 they are refused (DiceSGD needs the norm of
+  the whole error, DiSK the whole step), as are GeN's loss probes (their releases are not reduced yet).
 
 DDP's own gradient reducer is switched off while the engine is attached: it would average gradients that
 autograd does not compute for most layers; the engine's reduction of the clipped sums takes its place. The
@@ -207,6 +212,8 @@ class DataParallel:
         for group in self._order[self._next:]:
             self._launch(engine, group)
         std, mean = engine.noise_std, engine.expected_batch_size
+        if engine.transforms:
+            return self._release_transformed(engine, std, mean)
         grads = []
         for p in engine.params:
             work, g = self._pending.pop(id(p))
@@ -224,6 +231,42 @@ class DataParallel:
 
                 g = DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             grads.append(g)
+        self._ready.clear()
+        self._next = 0
+        return grads
+
+    def _release_transformed(self, engine, std: float, mean: float) -> list[torch.Tensor]:
+        """Replicated parameters (DDP, a plain model) with gradient transforms: the one-process release on the
+        sums reduced over the ranks. Every sum is complete first (DiceSGD's error feedback takes the norm of all
+        of them), then the transforms before noise, the noise (the shared draw), the average and the transforms
+        after noise run on every rank alike, so their state, like the replicas, stays the same everywhere."""
+        summed = []
+        for p in engine.params:
+            work, s = self._pending.pop(id(p))
+            work.wait()
+            summed.append(s)
+        unclipped = None
+        if engine.need_unclipped:  # sum_i g_i over the logical batch, as the one-process engine holds it
+            unclipped = []
+            for p in engine.params:
+                u = engine.unclipped.get(id(p))
+                if u is None:
+                    u = torch.zeros(p.shape, dtype=_wide(p.dtype), device=p.device)
+                dist.all_reduce(u, group=self.group)
+                unclipped.append(u)
+        for t in engine.transforms:
+            summed = t.before_noise(engine, summed, unclipped)
+        if std > 0:
+            for s in summed:
+                if engine.secure_rng:  # no shared seed: rank 0 draws, all take its sum
+                    if self.rank == 0:
+                        engine.noise.add_to(s, std)
+                    dist.broadcast(s, src=self.root, group=self.group)
+                else:
+                    engine.noise.add_to(s, std)
+        grads = [s.div_(mean) for s in summed]
+        for t in engine.transforms:
+            grads = t.after_noise(engine, grads)
         self._ready.clear()
         self._next = 0
         return grads
