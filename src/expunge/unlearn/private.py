@@ -11,7 +11,8 @@ the ledger then record; a later private retraining makes the model private again
 
 With `--nproc N` the training runs data parallel in N processes (torch.multiprocessing, gloo, the model in
 DistributedDataParallel; see expunge.privacy.distributed); this process writes the run directory from rank
-0's result. The sampled batches, the noise and epsilon are those of one process with the same seed.
+0's result. The sampled batches, the noise and epsilon are those of one process with the same seed, with or
+without a gradient transform (--dp-transform); retraining after a deletion uses the run's own count.
 """
 
 from __future__ import annotations
@@ -59,8 +60,6 @@ class PrivateTraining:
         self.transform = transform
         if not isinstance(nproc, int) or nproc < 1:
             raise ExpungeError(f"--nproc must be a positive number of processes, got {nproc!r}")
-        if nproc > 1 and transform != "none":
-            raise ExpungeError(f"--dp-transform {transform} trains in one process: drop --nproc")
         self.nproc = nproc
 
     def config(self) -> dict:
