@@ -29,7 +29,7 @@ VOCAB, T = 11, 5
 
 def data(kind):
     g = torch.Generator().manual_seed(0)
-    if kind == "lm":
+    if kind in ("lm", "conv1d"):
         return (torch.randint(0, VOCAB, (N, T), generator=g),)
     return torch.randn(N, 6, generator=g, dtype=DT), torch.randint(0, 3, (N,), generator=g)
 
@@ -49,17 +49,35 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.mix(self.norm(self.emb(ids)))))
 
 
+class Conv1DLM(nn.Module):
+    """GPT-2's layers (transformers' Conv1D, the weight stored transposed as (in, out)) on sequences: each row's
+    gradient is materialised, and its clipped sum comes back as a transposed view."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.mix = Conv1D(4, 4)
+        self.head = Conv1D(VOCAB, 4)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
 def build(kind, seed=0):
     torch.manual_seed(seed)
     if kind == "lm":
         return TiedLM().to(DT)
+    if kind == "conv1d":
+        return Conv1DLM().to(DT)
     if kind == "wide":
         return nn.Sequential(nn.Linear(6, 400), nn.Tanh(), nn.Linear(400, 3)).to(DT)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 3)).to(DT)
 
 
 def loss_of(kind, model, batch):
-    if kind == "lm":
+    if kind in ("lm", "conv1d"):
         (ids,) = batch
         return causal_lm_loss(model(ids), ids)
     x, y = batch
@@ -76,6 +94,8 @@ SCENARIOS = {
     "ddp tied": ("lm", "ddp", "all-layer", 2, 0.0, 0.0),
     "fsdp tied": ("lm", "fsdp", "layer-wise", 2, 0.0, 0.0),
     "ddp noisy": ("mlp", "ddp", "layer-wise", 2, 0.7, 0.9),  # shared noise seed: the one-process draw
+    "ddp conv1d": ("conv1d", "ddp", "all-layer", 2, 0.0, 0.0),  # its clipped sum is a transposed view
+    "fsdp conv1d": ("conv1d", "fsdp", "layer-wise", 2, 0.0, 0.0),
 }
 # gradient transforms over DDP: (transform, clipping, noise multiplier); trained with optimizer.step(closure)
 TRANSFORMED = {
@@ -252,7 +272,7 @@ def one_process_transformed(name):
 
 def test_clipping_is_active():
     """C is below every row's gradient norm, so every row is clipped: the exactness tests test clipping."""
-    for kind in ("mlp", "lm"):
+    for kind in ("mlp", "lm", "conv1d"):
         model = build(kind)
         batch = data(kind)
         for i in range(N):

@@ -196,6 +196,8 @@ class DataParallel:
             s = engine.summed.get(id(p))
             if s is None:  # nothing drawn on this rank (or the layer unused): it still takes part
                 s = engine.summed[id(p)] = torch.zeros(p.shape, dtype=_wide(p.dtype), device=p.device)
+            elif not s.is_contiguous():  # a transposed view (Conv1D's sum): the collectives need dense memory
+                s = engine.summed[id(p)] = s.contiguous()
             if self.kind == "fsdp":  # FSDP2's layout: torch.chunk of dim 0, each chunk padded to the first's size
                 chunk = -(-p.shape[0] // self.world)
                 padded = s if chunk * self.world == s.shape[0] else torch.cat(
@@ -252,6 +254,7 @@ class DataParallel:
                 u = engine.unclipped.get(id(p))
                 if u is None:
                     u = torch.zeros(p.shape, dtype=_wide(p.dtype), device=p.device)
+                u = u.contiguous()
                 dist.all_reduce(u, group=self.group)
                 unclipped.append(u)
         for t in engine.transforms:

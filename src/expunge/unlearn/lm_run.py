@@ -26,6 +26,14 @@ target epsilon); a deletion retrains privately on the remaining rows with the sa
 manifest records the epsilon spent, as for tabular private runs. A public phase (``public=``) trains
 non-privately on public texts first; retraining starts after it (its weights are the initial state) and
 the privacy accounting lists it as a public phase, which adds nothing to epsilon.
+
+Data parallel. ``LMPrivateTraining(nproc=N)`` (``expunge train --task lm --dp --nproc N``) runs the private
+training in N processes of this machine (expunge.privacy.distributed.spawn: gloo on the CPU, the model in
+DistributedDataParallel) and writes the same run directory: the logical batches, the noise and epsilon are one
+process's, the ledger's counts are summed over the ranks, the weights equal one process's to the rounding of the
+sums over the ranks. N is part of the method's config, so a deletion retrains with the same N (and the recorded
+thread count), bit for bit what N processes train from scratch on the remaining rows. The public phase trains in
+this process.
 """
 
 from __future__ import annotations
