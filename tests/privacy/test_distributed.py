@@ -18,7 +18,7 @@ from torch import nn
 
 from expunge.errors import ExpungeError
 from expunge.privacy import causal_lm_loss, make_private
-from expunge.privacy.distributed import load_checkpoint, save_checkpoint
+from expunge.privacy.distributed import load_checkpoint, save_checkpoint, spawn
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier 0")
 
@@ -416,3 +416,22 @@ def test_refusals_leave_a_ddp_model_as_it_was(tmp_path):
         assert model.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+def _echo(rank, value):
+    return rank, value, dist.get_world_size()
+
+
+def _refuse(rank):
+    if rank == 1:
+        raise ExpungeError("rank 1 refuses")
+    dist.barrier()  # rank 0 waits on a collective that never completes: spawn must end it
+
+
+@pytest.mark.slow
+def test_spawn_returns_rank_zeros_result_and_raises_a_ranks_refusal():
+    assert spawn(_echo, 2, "x") == (0, "x", 2)
+    with pytest.raises(ExpungeError, match="rank 1 refuses"):
+        spawn(_refuse, 2)
+    with pytest.raises(ExpungeError, match="--nproc must be a positive"):
+        spawn(_echo, 0, "x")
