@@ -183,7 +183,7 @@ class LMPrivateTraining(LMRetrain):
             model.load_state_dict(state)
         return result, privacy
 
-    def _train(self, model, data, recipe: LMRecipe, active: np.ndarray, progress: bool, distributed=None):
+    def _train(self, model, data, recipe: LMRecipe, active: np.ndarray, progress: bool, distributed: bool = False):
         public = [Phase(0.0, 0.0, self.public_steps, private=False, name="public")] if self.public_steps else None
         hook = dp_hook(target_epsilon=self.epsilon, target_delta=self.delta, noise_multiplier=self.noise_multiplier,
                        max_grad_norm=self.max_grad_norm, physical_batch_size=self.physical_batch_size,
