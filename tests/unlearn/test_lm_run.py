@@ -274,6 +274,8 @@ def test_two_processes_train_the_one_process_private_model_and_retrain_it_exactl
     assert rb["guarantee"] == ra["guarantee"] and two.manifest["privacy"] == one.manifest["privacy"]
     assert two.manifest["method"]["config"]["nproc"] == 2 and RunModel.load(two.path).updater.nproc == 2
 
+    with pytest.raises(ExpungeError, match="settings it was trained with"):  # retraining keeps the run's nproc
+        two.forget([1, 2], method=LMPrivateTraining(noise_multiplier=0.0, delta=1e-3, max_grad_norm=clip))
     report = two.forget([1, 2], method="retrain")
     assert report.method == "lm-dp" and report.guarantee["privacy"]["sample_rate"] == 4 / 14
     active = np.ones(16, bool)
