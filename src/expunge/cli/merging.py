@@ -84,21 +84,22 @@ def _print_outcome(outcome, what: str, quiet: bool) -> None:
                   f"{'predicted' if chosen['predicted'] else 'measured'})")
     from ..merge import thin
 
+    # accuracies as percentages; other scores (an LM's answer probability, often small) with their digits
+    shown = (lambda v: f"{100 * v:.2f}%") if record.get("score", "accuracy") == "accuracy" else (lambda v: f"{v:.4g}")
     front = result.front_values()
     for i in thin(front, 10):
         point = result.front[int(i)]
         mark = " *" if point["c"] == chosen["c"] else ""
-        table.add_row(", ".join(f"{v:.3f}" for v in point["c"]) + mark, *[f"{100 * v:.2f}%" for v in front[int(i)]])
+        table.add_row(", ".join(f"{v:.3f}" for v in point["c"]) + mark, *[shown(v) for v in front[int(i)]])
     console.print(table)
     r2 = {k: v for k, v in (record.get("r2_heldout") or {}).items() if v is not None}
     if r2:
         console.print("surrogate R^2 on held-out merges: " + ", ".join(f"{k} {v:.3f}" for k, v in r2.items()),
                       highlight=False)
-    shown = {k: f"{100 * v:.2f}%" for k, v in chosen["measured"].items()}
-    predicted = (" (predicted " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in chosen["predicted"].items()) + ")"
+    predicted = (" (predicted " + ", ".join(f"{k} {shown(v)}" for k, v in chosen["predicted"].items()) + ")"
                  if chosen["predicted"] else "")
     console.print(f"chosen c = {[round(v, 4) for v in chosen['c']]}: measured "
-                  + ", ".join(f"{k} {v}" for k, v in shown.items()) + predicted, highlight=False)
+                  + ", ".join(f"{k} {shown(v)}" for k, v in chosen["measured"].items()) + predicted, highlight=False)
     folder = outcome.run.run.current(outcome.run.manifest)
     console.print(f"{what} -> {outcome.run.path} (version {outcome.run.version}); front: {folder / 'front.json'}, "
                   f"{folder / 'front.png'}", highlight=False)
