@@ -336,10 +336,12 @@ def tradeoff_run(run: RunModel, before, after=None, evals: Mapping[str, object] 
     ``run``: an open run, best held locked from loading (``with RunModel.locked(path) as run``).
     ``before``: a version number (only the current version's weights are kept by a run) or a copy of the run
     saved at that version. ``after``: the current version (the default; the point is written on top of it).
-    ``evals``: {"forget": ..., "retain": ...}, each a dataset or ``deleted`` (the rows deleted since
-    ``before``), ``test`` (the run's test split) or ``rows`` (its current rows); default forget=deleted,
-    retain=test. Forget accuracy is minimised, retain accuracy maximised. ``method``: map (quadratic
-    surrogates from ``points`` merges) or grid (``steps`` evaluated merges)."""
+    ``evals``: {"forget": ..., "retain": ...}, each data as the run's evaluation_set reads it (a dataset; for
+    an LM run QA pairs or documents) or ``deleted`` (the rows deleted since ``before``), ``test`` (the run's
+    test split; LM runs have none) or ``rows`` (its current rows); default forget=deleted, retain=test. The
+    forget score (the run's ``score``: accuracy, an LM run's answer probability) is minimised, the retain
+    score maximised. ``method``: map (quadratic surrogates from ``points`` merges) or grid (``steps``
+    evaluated merges). On an LM run the point is recorded by ``lm-tradeoff``; LoRA runs refuse it."""
     if method not in TRADEOFF_METHODS:
         raise ExpungeError(f"unknown trade-off method {method!r}; choose one of {', '.join(TRADEOFF_METHODS)}")
     evals = dict(evals or {"forget": DELETED, "retain": TEST})
