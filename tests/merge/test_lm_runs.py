@@ -213,3 +213,16 @@ def test_tradeoff_refuses_a_lora_run_before_writing(lm, tmp_path):
         with pytest.raises(ExpungeError, match="LoRA run cannot hold it"):
             tradeoff_run(run, str(copy), evals={"forget": "deleted", "retain": "rows"}, method="grid", steps=3)
     assert RunModel.load(work).version == 2
+
+
+def test_a_zoo_run_and_an_lm_run_do_not_merge(lm, tmp_path):
+    from expunge import Fitted
+    from expunge.data import load_dataset
+
+    from .zoo import RECIPE
+
+    train_set, test_set = load_dataset("digits")
+    zoo = Fitted.train(train_set, RECIPE, "deltagrad", out=tmp_path / "zoo", test=test_set, source="digits")
+    with pytest.raises(ExpungeError, match="another architecture \\(kind: zoo vs lm\\)"):
+        merge_runs(lm["base"], [lm["a"], zoo.path], evals(lm), "map", out=tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

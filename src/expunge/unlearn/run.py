@@ -213,7 +213,8 @@ class RunModel:
     def check_same_architecture(self, other: RunModel, what: str) -> None:
         mine, theirs = self.architecture(), other.architecture()
         if mine != theirs:
-            diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
+            keys = ["kind"] if mine.get("kind") != theirs.get("kind") else sorted(set(mine) | set(theirs))  # zoo vs lm
+            diff = {k: (theirs.get(k), mine.get(k)) for k in keys if mine.get(k) != theirs.get(k)}
             raise ExpungeError(f"{what} {other.path} has another architecture ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
                                "its model and this one cannot be merged or fine-tuned into each other")
 
