@@ -27,7 +27,7 @@ from ..lm.models import parameter_count
 from ..models import weights_hash
 from .base import UpdateReport
 from .fitted import Fitted
-from .lm_run import MODEL, LMRun, quiet_transformers
+from .lm_run import MODEL, LMRun, library_versions, quiet_transformers
 
 MERGE = "merge"
 
@@ -126,7 +126,7 @@ class MergedLMRun(LMRun):
         manifest["recipe"] = replace(base.recipe, lora_rank=0, lora_alpha=None, lora_targets=None).to_dict()
         count = parameter_count(model)
         manifest["lm"] = {**{k: v for k, v in base.lm.items() if k != "base_hash"}, "parameters": count,
-                          "trainable_parameters": count}
+                          "trainable_parameters": count, "libraries": library_versions()}  # what wrote the merge
         manifest["merge"] = record
         with cls._creating(run, manifest, created, corpus, None, info.get("source")):
             merged = cls(run, manifest, corpus, base.active.copy())
