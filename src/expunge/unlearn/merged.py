@@ -33,7 +33,8 @@ MERGE = "merge"
 
 
 def evaluated_guarantee(measured: dict, **details) -> dict:
-    """What a merge or a trade-off point promises: nothing by construction; its metrics were measured."""
+    """What a merge or a trade-off point promises: nothing by construction; its metrics were measured. ``score``
+    says what the measured values are ("accuracy", "answer-probability", "nll"): how reports show them."""
     return {"kind": "evaluated", "by_construction": "none", "measured": measured, **details}
 
 
@@ -97,7 +98,8 @@ class MergedFitted(Fitted):
                     (stage / Path(name).name).write_bytes(content)
                 metrics = merged._metrics(w, merged.active)
                 report = UpdateReport(MERGE, MERGE, [], time.perf_counter() - start, None, weights_hash(w),
-                                      evaluated_guarantee(record.get("measured", {}), c=record.get("c")), metrics)
+                                      evaluated_guarantee(record.get("measured", {}), c=record.get("c"),
+                                                          score=record.get("score", "accuracy")), metrics)
                 merged._commit_weights(stage, None, report, w, base.universe, merged.active)
         return merged
 
@@ -139,7 +141,8 @@ class MergedLMRun(LMRun):
                     (stage / Path(name).name).write_bytes(content)
                 model_hash = folder_hash(stage / MODEL)
                 report = UpdateReport(LMMerge.name, MERGE, [], time.perf_counter() - start, None, model_hash,
-                                      evaluated_guarantee(record.get("measured", {}), c=record.get("c")),
+                                      evaluated_guarantee(record.get("measured", {}), c=record.get("c"),
+                                                          score=record.get("score", "accuracy")),
                                       {"rows": int(merged.active.sum())})
 
                 def adopt(folder: Path) -> None:
