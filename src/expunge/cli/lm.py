@@ -31,7 +31,7 @@ def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: flo
                  tiny_config: str | None, truncate_documents: bool, public_data: list[str],
                  public_epochs: int | None, dp: bool, epsilon: float | None, delta: float | None,
                  noise_multiplier: float | None, clip_fn: str, clipping: str, physical_batch_size: int | None,
-                 accountant: str, nproc: int, signing_key, quiet: bool) -> dict:
+                 accountant: str, signing_key, quiet: bool, init=None, nproc: int = 1) -> dict:
     """Read the corpus, check everything, train and write the run; returns the training's ledger report."""
     from ..lm import LMRecipe, load_corpus
     from ..unlearn.lm_run import LMPrivateTraining, LMRetrain, LMRun
@@ -56,7 +56,7 @@ def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: flo
     run = LMRun.train(corpus, recipe, updater, out=out, source=sources, public=public,
                       public_source=[str(Path(d).resolve()) for d in public_data] or None, public_epochs=public_epochs,
                       tiny_config=parse_tiny_config(tiny_config), truncate_documents=truncate_documents,
-                      progress=not quiet, signing_key=signing_key)
+                      progress=not quiet, signing_key=signing_key, init=init)
     report = run.ledger.entries()[-1]["report"]
     if not quiet:
         info, metrics = run.manifest["lm"], report["metrics"]

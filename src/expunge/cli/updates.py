@@ -251,7 +251,8 @@ def train(
                                            "to epsilon, and a tiny model's tokenizer is trained on these texts alone."),
     public_epochs: Optional[int] = typer.Option(None, help="LM: epochs of the public phase (default --epochs)."),
     init: Optional[Path] = typer.Option(None, help="Fine-tune from this run's current model instead of a fresh "
-                                        "initialisation (same model, features and classes); the run records it, and "
+                                        "initialisation (same model, features and classes; LM: the run's model "
+                                        "folder and tokenizer, instead of --model); the run records it, and "
                                         "`expunge merge --base INIT` merges the runs fine-tuned from it."),
     signing_key: Optional[Path] = SIGNING_KEY_OPTION,
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
@@ -277,8 +278,7 @@ def train(
                         "--classes": classes is not None, "--l2-normalize": l2_normalize,
                         "--test-data": test_data is not None, "--dp-transform": dp_transform != "none",
                         "--encode-labels": encode_labels, "--encode-categories": encode_categories,
-                        "--standardize": standardize, "--label-column": label_column is not None,
-                        "--init": init is not None}
+                        "--standardize": standardize, "--label-column": label_column is not None}
         given = [name for name, used in tabular_only.items() if used]
         if given:
             raise ExpungeError(f"{', '.join(given)} apply to tabular runs, not to --task lm; drop them (an LM run is "
@@ -287,8 +287,20 @@ def train(
         if auto and dp:
             raise ExpungeError("--lr auto (GeN) is not available with --dp: its loss probes would read private rows "
                                "without being accounted in epsilon; give a fixed --lr")
+        start = None
+        if init is not None:
+            from ..unlearn import RunModel
+
+            if model is not None:
+                raise ExpungeError("--init fine-tunes the init run's current model (its folder is the model); drop "
+                                   "--model")
+            start = RunModel.load(init)
+            if start.kind != "lm":
+                raise ExpungeError(f"--init {init} is a tabular run; with --task lm fine-tune a language-model run")
+            model = str(start.model_path)
         if model is None:
-            raise ExpungeError("--task lm needs --model: tiny-llama, tiny-gpt2, smollm2, a model folder or a .gguf file")
+            raise ExpungeError("--task lm needs --model: tiny-llama, tiny-gpt2, smollm2, a model folder or a .gguf file "
+                               "(or --init RUN to fine-tune a language-model run's current model)")
         report = train_lm_run(
             data, out, model=model, epochs=1 if epochs is None else epochs,
             lr=(1e-4 if lr_start is None else lr_start) if auto else 1e-4 if lr is None else float(lr), lr_auto=auto, lr_every=lr_every,
@@ -299,8 +311,8 @@ def train(
             device=device, dtype=dtype, seed=seed, tiny_config=tiny_config, truncate_documents=truncate_documents,
             public_data=public_data, public_epochs=public_epochs, dp=dp, epsilon=epsilon, delta=delta,
             noise_multiplier=noise_multiplier, clip_fn=clip_fn, clipping=clipping,
-            physical_batch_size=physical_batch_size, accountant=accountant, nproc=nproc, signing_key=signing_key,
-            quiet=quiet)
+            physical_batch_size=physical_batch_size, accountant=accountant, signing_key=signing_key, quiet=quiet,
+            init=start, nproc=nproc)
         write_json(json_out, report)
         return
     if task != "tabular":

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -54,16 +55,21 @@ from ..errors import ExpungeError
 from ..lm import (Corpus, LMRecipe, dp_hook, encode, folder_hash, frozen_hash, load_state, load_tokenizer, prepare,
                   save_pretrained, save_state, train_bpe_tokenizer, train_lm)
 from ..lm.determinism import num_threads
+from ..lm.metrics import answer_probability
+from ..lm.scoring import row_nlls
 from ..lm.models import TINY_ARCHITECTURES, parameter_count
 from ..privacy.accounting import Phase, check_delta
 from ..privacy.distributed import spawn
 from ..privacy.engine import check_private_settings
 from .base import UpdateReport
-from .registry import LM, OWN_RUN, find, kind_of, make_updater, resolve
+from .registry import LM, OWN_RUN, find, kind_of, make_updater, resolve, run_class
 from .run import ROWS, Request, RunModel
 
 MODEL, INITIAL, ADAPTERS, BASE_JSON = "model", "initial.safetensors", "adapters.safetensors", "base.json"
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft")
+# config.json entries that say how or by what a model was saved, not what it is
+UNSAVED_CONFIG = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
+SCORE_BATCH = 16  # rows per forward pass when merges are scored
 
 
 def paths(source) -> list[str] | None:
@@ -86,6 +92,15 @@ def quiet_transformers():
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+def tokenizer_hash(folder: Path) -> str:
+    """Content hash of a saved tokenizer: its tokenizer.json (vocabulary, merges, special tokens), else its vocabulary."""
+    file = Path(folder) / "tokenizer.json"
+    if file.is_file():
+        return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    vocab = load_tokenizer(folder).get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
 
 
 def library_versions() -> dict:
@@ -231,6 +246,7 @@ class LMRun(RunModel):
         self._model_hash: str | None = None  # of the current version's saved model
         self._model = None  # the current model, loaded when first asked for
         self._groups: list[str] | None = None  # the groups the request in progress named
+        self._scoring = None  # the copy of the model that merges are scored on (state_score)
 
     # ------------------------------------------------------------------ views
 
@@ -300,21 +316,87 @@ class LMRun(RunModel):
                 "threads": self.lm["threads"], "libraries": self.lm["libraries"], "public": self.lm.get("public"),
                 "groups": self.groups()}
 
+    # ------------------------------------------------------------------ merging (see RunModel)
+
+    # TOFU's answer probability: per row exp(-mean NLL of its target tokens) (a QA pair's answer, a document's every
+    # token), averaged over the rows; in (0, 1], higher is better
+    score = "answer probability"
+
+    def architecture(self) -> dict:
+        """The saved model's config (what it is, not how it was saved), the recipe's dtype and the tokenizer's hash:
+        runs with another tokenizer read the same ids as other text, so their weights do not merge."""
+        config = json.loads((self.model_path / "config.json").read_text())
+        return {"kind": "lm", "dtype": self.recipe.dtype, "tokenizer": tokenizer_hash(self.model_path),
+                **{f"config.{k}": v for k, v in sorted(config.items()) if k not in UNSAVED_CONFIG}}
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The current model's state dict (a LoRA run's model has its adapters merged: a full model)."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def evaluation_set(self, spec, name: str) -> tuple[Corpus, dict]:
+        """TOFU QA pairs (JSON, JSON lines) or documents (JSON, .txt, a folder), as `expunge train --task lm --data`
+        reads them; or a Corpus, scored as it is. Tokenized here too, so that rows the model cannot take (a QA
+        pair longer than the run's max_length) are refused before any merge is scored."""
+        from ..lm import load_corpus
+
+        if isinstance(spec, Corpus):
+            corpus, info = spec, {"data": spec.name, "split": "given"}
+        else:
+            if not isinstance(spec, (str, Path)) or not str(spec).strip():
+                raise ExpungeError(f"evaluation set {name!r}: give TOFU QA pairs (.json, .jsonl) or documents (.json, "
+                                   ".txt, a folder of them), as `expunge train --task lm --data` takes them")
+            path = Path(spec)
+            if not path.exists():
+                raise ExpungeError(f"evaluation set {name!r}: {spec} does not exist; give TOFU QA pairs (.json, "
+                                   ".jsonl) or documents (.json, .txt, a folder of them)")
+            corpus = load_corpus(str(path.resolve()), name=name)
+            info = {"data": str(path.resolve()), "split": "all rows"}
+        if len(corpus) == 0:
+            raise ExpungeError(f"evaluation set {name!r} has no rows")
+        self._encoded(corpus, name)
+        return corpus, {**info, "rows": len(corpus), "fingerprint": corpus.fingerprint()}
+
+    def state_score(self, data: Corpus):
+        """state -> answer probability on ``data`` (see ``score``). Every scorer of this run loads the state into
+        one private copy of the model (the run's own model is never changed)."""
+        tokens = self._encoded(data, data.name)
+        if self._scoring is None:
+            self._scoring = copy.deepcopy(self.model).eval()
+        work = self._scoring
+
+        def score(state) -> float:
+            work.load_state_dict(dict(state), strict=True)
+            return answer_probability(row_nlls(work, tokens, SCORE_BATCH))
+
+        return score
+
+    def write_merged(self, state: dict[str, torch.Tensor], out, record: dict, files: dict[str, bytes],
+                     signing_key=None) -> RunModel:
+        return run_class("lm-merge").create(self, state, out, record, files, signing_key)
+
+    def _encoded(self, corpus: Corpus, name: str):
+        try:
+            return encode(corpus, self.tokenizer, self.recipe.max_length, self.lm["truncate_documents"])
+        except ExpungeError as e:
+            raise ExpungeError(f"evaluation set {name!r}: {e}") from None
+
     # ------------------------------------------------------------------ training
 
     @classmethod
     def train(cls, corpus: Corpus, recipe: LMRecipe, updater="lm-retrain", out=None, source=None, *,
               public: Corpus | None = None, public_source=None, public_epochs: int | None = None,
               tiny_config: dict | None = None, truncate_documents: bool = True, progress: bool = False,
-              signing_key=None) -> LMRun:
+              signing_key=None, init: RunModel | None = None) -> LMRun:
         """Train a causal LM on ``corpus`` and write a new run directory at ``out`` (a temporary one if omitted).
 
         ``updater``: ``lm-retrain`` (``retrain``), ``lm-dp`` (``dp``, give an ``LMPrivateTraining`` with its settings)
         or an updater object. ``source``: the corpus's files (a path or a list), read back by fingerprint when the
         run is reopened; without it the corpus is stored in the run. ``public``: a corpus trained on first,
         non-privately, for ``public_epochs`` (default the recipe's), never forgotten (``public_source`` records
-        where it came from). ``tiny_config`` overrides the tiny architecture's config (recorded). Every check runs
-        before anything is written."""
+        where it came from). ``tiny_config`` overrides the tiny architecture's config (recorded). ``init``: a
+        language-model run this one is fine-tuned from; the recipe's model must be its current model folder
+        (``init.model_path``), and the manifest records the run and version ("init", what `expunge merge` checks
+        its models' base by). Every check runs before anything is written."""
         updater = make_updater(resolve(updater, LM) if isinstance(updater, str) else updater)
         found = find(updater.name)
         if found is None or kind_of(found) != LM:
@@ -322,6 +404,14 @@ class LMRun(RunModel):
         if len(corpus) == 0:
             raise ExpungeError("the corpus is empty")
         recipe = recipe.resolved()
+        if init is not None:
+            if init.kind != LM:
+                raise ExpungeError(f"--init {init.path} is a tabular run; a language model is fine-tuned from a "
+                                   "language-model run")
+            if Path(recipe.model).resolve() != init.model_path.resolve():
+                raise ExpungeError(f"fine-tuning from {init.path} starts from its current model: the recipe's model "
+                                   f"must be {init.model_path} (the command line sets it: leave --model out), not "
+                                   f"{recipe.model}")
         updater.check(recipe, len(corpus))
         if public_epochs is not None and (public is None or public_epochs < 1):
             raise ExpungeError("public_epochs needs public data and must be at least 1")
@@ -348,6 +438,8 @@ class LMRun(RunModel):
                                         "n_base": len(corpus), "groups": len(corpus.group_names())},
                                        {"name": updater.name, "config": updater.config()})
         manifest["recipe"] = recipe.to_dict()
+        if init is not None:
+            manifest["init"] = init.init_record()
         manifest["lm"] = {
             "kind": setup.kind, "source": setup.source, "tiny_config": tiny_config,
             "truncate_documents": truncate_documents, "tokenizer": tokenizer_note,
@@ -433,6 +525,8 @@ class LMRun(RunModel):
             save_pretrained(setup.model, setup.tokenizer, stage / MODEL)
         if self.recipe.lora:
             save_state(setup.model, stage / ADAPTERS, trainable_only=True)
+        for name, content in getattr(updater, "evidence", {}).items():  # files the update is judged by (a front)
+            (stage / Path(name).name).write_bytes(content)
         if not (stage / INITIAL).exists():  # never changes: linked from the current version, not copied
             current = self.run.current(self.manifest) / INITIAL
             try:
