@@ -343,7 +343,9 @@ def spawn(fn, nproc: int, *args):
     """Run ``fn(rank, *args)`` in ``nproc`` fresh processes (torch.multiprocessing.spawn) joined in a gloo process
     group (a file rendezvous in a temporary folder) and return rank 0's result. ``fn`` must be a module-level
     function and its arguments picklable. When a rank fails, spawn ends the others (none waits on a collective
-    forever); an ExpungeError raised by a rank is raised here as one, with its message."""
+    forever); an ExpungeError raised by a rank is raised here as one, with its message. The processes start by
+    importing the main module afresh (the spawn start method): a script that gets here keeps its top-level work
+    under ``if __name__ == "__main__":``."""
     import tempfile
 
     import torch.multiprocessing as mp

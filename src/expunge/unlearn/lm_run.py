@@ -142,7 +142,9 @@ class LMPrivateTraining(LMRetrain):
     ``nproc`` > 1 trains data parallel in that many processes of this machine (gloo on the CPU, the model in
     DistributedDataParallel: ``expunge.privacy.distributed``): the logical batches, the noise and epsilon are one
     process's with the same seed, and the weights equal one process's to the rounding of the sums over the ranks.
-    Retraining uses the run's own ``nproc`` (its config), so a deletion reproduces the training bit for bit."""
+    Retraining uses the run's own ``nproc`` (its config), so a deletion reproduces the training bit for bit. A
+    script that trains or retrains such a run keeps its top-level code under ``if __name__ == "__main__":`` (the
+    processes start by importing the main module)."""
 
     name = "lm-dp"
     private = True
