@@ -30,8 +30,10 @@ forget author's 20 QA pairs plus the first retained author's (author 0, 20 pairs
 retain_perturbed.json holds). Reference = exact retraining: train_lm from the same initial adapters on the same
 plan with the forget rows inactive (what ``expunge forget --method retrain`` does). Each method (ascent,
 graddiff, npo, simnpo, ngdiff) starts from a copy of the target and runs 1 epoch over the 20 forget rows in
-batches of 2 forget + 2 retain rows (10 steps), AdamW on the adapters, at 1e-3 and 2e-4; NGDiff fits its rate
-on the retain loss from there (unlearning.py). Evaluation (tofu.py) of every model: the 20 forget questions
+batches of 2 forget + 2 retain rows (10 steps), AdamW on the adapters, at 1e-3 and 2e-4; NGDiff starts its GeN
+rate (unlearning.py, at most x1.1 a step) at 2e-4, 1e-4 and 1e-3 and runs first, at all three
+(``method_options`` names its rate rule and probe; ``--methods`` runs only some methods, beside target and
+retrain). Evaluation (tofu.py) of every model: the 20 forget questions
 (never cut further: their truth ratios make the KS test), 5 retain_perturbed questions of the trained author,
 the first 5 real-author and 5 world-fact questions (so the utility's retain and world parts are coarse: one
 question is a fifth of a split); greedy answers of at most 32 tokens (12 on real authors and world facts:
@@ -61,15 +63,18 @@ Plan (SmolLM2 measured on this machine at ~50 / ~90 tokens per second training f
 with both cores idle; one thread is taken as ~0.6 of that): fine-tuning the target 40 rows x 63 tokens x 4
 epochs and the reference half that (15k tokens); 10 updates of 10 steps x 4 rows (25k tokens); 12 TOFU
 evaluations of ~12k forward tokens and ~35 greedy answers each; the MUSE case; loading: ~20 CPU-minutes of one
-idle thread. The run prints its own estimate first. Results (benchmarks/results/llm-unlearning.json, 71.8 min). Target FQ 0.034 / MU 0.347, retrain 1 / 0.295. At
-1e-3 every method's utility is 0 (a zero ROUGE on 5 real-author or world-fact questions zeroes the harmonic
-mean); at 2e-4 GradDiff (FQ 0.175, MU 0.336 = 97% of the target's) and NPO (0.175, 0.314 = 90%) meet the
-issue's bar, SimNPO keeps the utility (0.345) without moving FQ. NGDiff misses it at both rates: its
-quadratic rate rule doubled the rate almost every step (2e-4 to 1.2e-2 in 10 steps; forget NLL 83) and the
-answers were lost (MU 0); the smoothed ``rate="gen"`` rule (rates.py) caps that growth at x1.1 a step and is
-the next run to make. Pareto front of (FQ, MU): NPO 1e-3, GradDiff 2e-4, SimNPO 2e-4. Speed-up over this
-small retraining: 1.6x-7.7x, 11.7x for GradAscent at 2e-4. With 20 forget questions the KS p-values come in
-steps (0.034, 0.081, 0.175, ...), and MU's world part rests on 5 + 5 questions: read the figures as coarse.
+idle thread. The run prints its own estimate first. Results (benchmarks/results/llm-unlearning.json, commit ecaf455, 42 min: NGDiff's GeN rate measured on the
+step's own retain rows). Target FQ 0.034 / MU 0.347, retrain 1 / 0.295. At 1e-3 every method's utility is 0 (a
+zero ROUGE on 5 real-author or world-fact questions zeroes the harmonic mean); at 2e-4 GradDiff (FQ 0.175, MU
+0.336 = 97% of the target's) and NPO (0.175, 0.314 = 90%) meet the issue's bar, SimNPO keeps the utility
+(0.345) without moving FQ. NGDiff meets it at 1e-4 (0.175, 0.325 = 94%), dominated by GradDiff 2e-4; at 2e-4
+it reaches FQ 0.571 with MU 0 (its real-author ROUGE fell from 0.6 to 0), at 1e-3 0.336 / 0. Its rate grew by
+GeN's cap, x1.1, at every step from 2e-4 and 1e-4: on the rows the step descends, the retain loss always looked
+best farther out; hence ``rate_probe="fresh"``, measured in benchmarks/results/llm-unlearning-ngdiff.json. The
+rule it replaced (unsmoothed quadratic fit, x2 a step) took 2e-4 to 1.2e-2 in the run of commit 3f28ee4 (FQ
+0.034, MU 0). Pareto front of (FQ, MU): NPO 1e-3, GradDiff 2e-4, SimNPO 2e-4. Speed-up over this small
+retraining (79 s): 1.2x-5x. With 20 forget questions the KS p-values come in steps (0.034, 0.081, 0.175, 0.336,
+0.571, 0.983), and MU's world part rests on 5 + 5 questions: read the figures as coarse.
 Published anchors (Llama-3.2-1B, forget10, open-unlearning's untuned settings):
 GradAscent FQ ~1e-239 / MU 0, GradDiff 1e-239 / 0.49, NPO 0.02 / 0.46, retrained 1.0 / 0.59; none exist at the
 135M scale.
