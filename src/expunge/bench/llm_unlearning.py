@@ -70,7 +70,9 @@ zero ROUGE on 5 real-author or world-fact questions zeroes the harmonic mean); a
 (0.345) without moving FQ. NGDiff meets it at 1e-4 (0.175, 0.325 = 94%), dominated by GradDiff 2e-4; at 2e-4
 it reaches FQ 0.571 with MU 0 (its real-author ROUGE fell from 0.6 to 0), at 1e-3 0.336 / 0. Its rate grew by
 GeN's cap, x1.1, at every step from 2e-4 and 1e-4: on the rows the step descends, the retain loss always looked
-best farther out; hence ``rate_probe="fresh"``, measured in benchmarks/results/llm-unlearning-ngdiff.json. The
+best farther out; hence ``rate_probe="fresh"`` (benchmarks/results/llm-unlearning-ngdiff.json, ``--methods
+ngdiff``, commit 660846b: FQ 0.081 / MU 0.368 at 2e-4, on the Pareto front; 0.081 / 0.351 at 1e-4; 0.081 / 0 at
+1e-3; the rate now kept, lowered or raised, x0.91 to x1.6 over the 10 steps). The
 rule it replaced (unsmoothed quadratic fit, x2 a step) took 2e-4 to 1.2e-2 in the run of commit 3f28ee4 (FQ
 0.034, MU 0). Pareto front of (FQ, MU): NPO 1e-3, GradDiff 2e-4, SimNPO 2e-4. Speed-up over this small
 retraining (79 s): 1.2x-5x. With 20 forget questions the KS p-values come in steps (0.034, 0.081, 0.175, 0.336,
