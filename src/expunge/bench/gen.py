@@ -316,6 +316,10 @@ def heldout_loss(model, data, batch: int = 16) -> float | None:
     return loss if np.isfinite(loss) else None
 
 
+def _finite(x) -> float | None:
+    return float(x) if np.isfinite(x) else None  # JSON has no NaN
+
+
 def train_lm_run(job: dict) -> dict:
     """One run of the LM task through the package's LM trainer (expunge.lm.train_lm): a plain schedule is the
     transformers schedule of the recipe, GeN is ``--lr auto`` (recipe.lr_auto: probes on the plan's probe
@@ -339,7 +343,7 @@ def train_lm_run(job: dict) -> dict:
     epoch_steps = -(-len(train) // LM_BATCH)
     row = {"task": LM_TASK, "optimizer": job["optimizer"], "schedule": schedule, "lr0": job["lr0"],
            "final_test_loss": final, "diverged": final is None, "initial_test_loss": initial,
-           "final_train_loss": float(np.mean(result.losses[-epoch_steps:])), "seconds": seconds, "wall_seconds": wall,
+           "final_train_loss": _finite(np.mean(result.losses[-epoch_steps:])), "seconds": seconds, "wall_seconds": wall,
            "steps": result.steps, "epochs": LM_EPOCHS, "batch_size": LM_BATCH, "rows": len(train), "test_rows": len(test),
            "target_tokens": result.target_tokens, "parameters": sum(p.numel() for p in model.parameters())}
     if recipe.lr_auto:
