@@ -262,9 +262,6 @@ def train_private(job: dict) -> dict:
     return row
 
 
-_DATA: dict = {}  # per worker process: task name -> (train, test)
-
-
 def lm_task(data_dir: Path, console=None, required: bool = False) -> Path | None:
     """The TOFU folder of the tiny-LM task, or None (said on the console) when it is absent; ``required`` (the
     task was asked for by name): absent is an error."""
