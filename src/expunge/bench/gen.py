@@ -78,23 +78,23 @@ time of GeN against a plain run of the same optimizer, 160 steps alternated thre
 512-row private probes): three forward passes every four steps are 35-40% of a step of this CNN on a CPU, where
 the backward pass costs little more than the forward; the 35% target is met only at the margin.
 
-What the LM run shows (`benchmarks/results/gen.json`, rows of task `tofu-qa`, from a separate run `--tasks tofu-qa`
-at commit 33c5691: its provenance; the image rows are kept from the first run, see `settings.kept_rows`). Initial
+What the LM run shows (`benchmarks/results/gen.json`, rows of task `tofu-qa`, from a separate run `--tasks tofu-qa` at
+commit 33c5691: its provenance; the image rows are kept from the first run, see `settings.kept_rows`). Initial
 held-out loss 7.69 (untrained). Best tuned: AdamW constant 4.64e-4, 5.405; SGD-momentum constant 0.01, 6.099 (the
-grid's smallest rate: SGD at 1 (and constant 0.215) diverged, and every SGD run that did not stayed at 6.0-6.4, while AdamW
-reached 5.3-5.4: this SGD grid sits too high for the task, a lower one is the next run). GeN's gap in nats, from the smallest / the largest grid rate
-(target <= +0.05):
+grid's smallest rate: SGD at 1 (and constant 0.215) diverged, and every SGD run that did not stayed at 6.0-6.4, while
+AdamW reached 5.3-5.4: this SGD grid sits too high for the task, a lower one is the next run). GeN's gap in nats, from
+the smallest / the largest grid rate (target <= +0.05):
 
     AdamW         gen -0.100 / +0.858    gen-cosine +0.142 / +0.764
     SGD-momentum  gen -0.044 / diverged  gen-cosine -0.058 / diverged
 
-Met by GeN from the bottom (AdamW without horizon, beating the best tuned run; SGD-momentum both ways, against a
-best at the grid's edge, so read those two as weak evidence); AdamW GeN-cosine from the bottom missed (+0.14: the
-horizon fades the rate after it has climbed only to ~4e-4, then ~7e-5 at the end); missed from the top: AdamW's GeN from 1e-2 held its
-rate near 1e-2 (ended at 0.013; 13-15 of 45 estimates rejected as not a descent direction), like the image tasks'
-greedy rate following the sharpness the run is at; SGD-momentum from 1 diverged as the plain run at 1 does (the
-loss non-finite at 41-42 of 45 estimates, the rate kept). Cost: GeN's CPU time x1.15-1.24 the median plain run's
-(all within 35%): the probes' forward passes on 4 rows every 4 steps.
+Met by GeN from the bottom (AdamW without horizon, beating the best tuned run; SGD-momentum both ways, against a best
+at the grid's edge, so read those two as weak evidence); AdamW GeN-cosine from the bottom missed (+0.14: the horizon
+fades the rate after it has climbed only to ~4e-4, then ~7e-5 at the end); missed from the top: AdamW's GeN from 1e-2
+held its rate near 1e-2 (ended at 0.013; 13-15 of 45 estimates rejected as not a descent direction), like the image
+tasks' greedy rate following the sharpness the run is at; SGD-momentum from 1 diverged as the plain run at 1 does (the
+loss non-finite at 41-42 of 45 estimates, the rate kept). Cost: GeN's CPU time x1.15-1.24 the median plain run's (all
+within 35%): the probes' forward passes on 4 rows every 4 steps.
 """
 from __future__ import annotations
 
