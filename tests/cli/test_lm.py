@@ -198,6 +198,11 @@ def test_bad_training_input_exits_before_writing(tmp_path):
         ((*LM, "--lr", "auto", "--dp", "--noise-multiplier", "1", "--delta", "1e-3"),
          ["--lr auto (GeN) is not available with --dp", "without being accounted"]),
         ((*LM, "--lr", "auto", "--warmup-steps", "2"), ["has no warm-up"]),
+        ((*LM, "--nproc", "2"), ["--nproc trains privately", "add --dp"]),
+        ((*LM, "--dp", "--noise-multiplier", "1", "--delta", "1e-3", "--nproc", "0"), ["--nproc must be a positive"]),
+        ((*LM, "--dp", "--noise-multiplier", "1", "--delta", "1e-3", "--nproc", "100000"), ["CPU cores"]),
+        ((*LM, "--dp", "--noise-multiplier", "1", "--delta", "1e-3", "--batch-size", "1", "--nproc", "2"),
+         ["--nproc 2 is more processes than the expected batch has rows", "use at most 1"]),
         ((*LM, "--lr", "fast"), ["'auto'"]),
     ]:
         assert_clean_failure(invoke("train", "--data", data, "--out", out, *args), *words)
@@ -238,6 +243,22 @@ def test_private_run_with_a_public_phase_via_the_cli(tmp_path):
                          "lm-dp keeps the privacy guarantee")
     info = invoke("info", run)
     assert info.exit_code == 0 and "private" in info.stdout
+
+
+@pytest.mark.slow
+def test_private_run_in_two_processes_via_the_cli(tmp_path):
+    """`train --task lm --dp --nproc 2`: the run of one process (its epsilon, privacy summary and counts), the
+    count recorded for retraining."""
+    runs = [train(tmp_path, "--dp", "--epsilon", "8", "--delta", "1e-3", "--grad-accum", "2", *extra, n=16, name=name)
+            for name, extra in (("one", ()), ("two", ("--nproc", "2")))]
+    (one, _, _), (two, _, result) = runs
+    assert squash("(2 processes, data parallel)") in squash(result.stdout) and "private: epsilon" in result.stdout
+    a, b = (json.loads((run / "manifest.json").read_text()) for run in (one, two))
+    assert b["privacy"] == a["privacy"] and a["privacy"]["epsilon_pld"] <= 8.0 * 1.001
+    assert b["method"]["config"] == dict(a["method"]["config"], nproc=2)
+    ra, rb = (json.loads((tmp_path / f"{name}-train.json").read_text())["metrics"] for name in ("one", "two"))
+    assert {k: rb[k] for k in ("rows", "steps", "tokens", "target_tokens")} == \
+        {k: ra[k] for k in ("rows", "steps", "tokens", "target_tokens")}
 
 
 def tofu_folder(folder, n=24):

@@ -1,6 +1,7 @@
 """`expunge merge` and `expunge tradeoff`: one-hot merges bit for bit, the merged run's manifest, the trade-off's
 version and ledger row accepted by `expunge verify`, JSON for scripts, and bad input refused before writing."""
 
+import importlib.util
 import json
 import shutil
 
@@ -122,3 +123,58 @@ def test_train_init_refuses_what_it_cannot_fine_tune(zoo, tmp_path):
     assert_clean_failure(invoke("train", "--data", "digits", "--out", out, "--init", zoo["mlp"], "--epochs", "1"),
                          "another architecture")
     assert not out.exists()
+
+
+LM_MISSING = [m for m in ("transformers", "tokenizers", "peft") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.skipif(bool(LM_MISSING), reason=f"the lm extra is not installed ({LM_MISSING})")
+@pytest.mark.usefixtures("one_thread")
+def test_language_model_runs_train_from_a_base_merge_and_trade_off(tmp_path):
+    """`train --task lm --init BASE`, `merge` (one-hot: the fine-tune itself; map: a run from_pretrained loads) and
+    `tradeoff` after an ngdiff deletion, on tiny Llamas."""
+    from transformers import AutoModelForCausalLM
+
+    from ..lm.tiny import qa_rows
+    from .test_lm import LM
+
+    rows = qa_rows(24)
+    data = {}
+    for name, part in (("base", rows), ("a", rows[:8]), ("b", rows[8:16])):
+        data[name] = tmp_path / f"{name}.json"
+        data[name].write_text(json.dumps([dict(r, group=f"{name}-{i // 4}") for i, r in enumerate(part)]))
+    settings = LM[LM.index("--vocab-size"):]  # the recipe without --model and --tiny-config
+    assert invoke("train", "--data", data["base"], "--out", tmp_path / "base", *LM, "--quiet").exit_code == 0
+    assert_clean_failure(invoke("train", "--data", data["a"], "--out", tmp_path / "x", *LM, "--init",
+                                tmp_path / "base"), "--init fine-tunes the init run's current model", "drop --model")
+    for name in ("a", "b"):
+        result = invoke("train", "--task", "lm", "--init", tmp_path / "base", "--data", data[name], "--out",
+                        tmp_path / name, *settings, "--quiet")
+        assert result.exit_code == 0, result.output
+    base = RunModel.load(tmp_path / "base")
+    assert RunModel.load(tmp_path / "a").manifest["init"]["run_id"] == base.run_id
+
+    args = ("merge", "--base", tmp_path / "base", "--models", tmp_path / "a", "--models", tmp_path / "b", "--eval",
+            f"a={data['a']}", "--eval", f"b={data['b']}")
+    result = invoke(*args, "--method", "task-arithmetic", "--c", "0,1", "--out", tmp_path / "one_hot", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert RunModel.load(tmp_path / "one_hot").manifest["model_hash"] == RunModel.load(tmp_path / "b").manifest[
+        "model_hash"]
+    result = invoke(*args, "--method", "map", "--out", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert squash("answer probability") in squash(result.output) and "chosen c" in result.output
+    merged = RunModel.load(tmp_path / "merged")
+    assert AutoModelForCausalLM.from_pretrained(merged.model_path).config.model_type == "llama"
+    assert invoke("verify", tmp_path / "merged").exit_code == 0
+    assert squash("answer probability") in squash(invoke("merge", "--help").output)
+
+    run, copy = tmp_path / "a", tmp_path / "a.v1"
+    shutil.copytree(run, copy)
+    assert invoke("forget", run, "--group", "a-1", "--method", "ngdiff", "--quiet").exit_code == 0
+    assert_clean_failure(invoke("tradeoff", run, "--before", copy, "--quiet"), "no test split", "'rows'")
+    result = invoke("tradeoff", run, "--before", copy, "--eval", "forget=deleted", "--eval", "retain=rows",
+                    "--method", "grid", "--steps", "5", "--json", "-", "--quiet")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["version"] == 3 and payload["record"]["score"] == "answer probability"
+    assert invoke("verify", run).exit_code == 0

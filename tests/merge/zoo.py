@@ -44,4 +44,4 @@ def build(root) -> dict:
 
 
 def accuracy(run, data: IndexedDataset) -> float:
-    return run.state_accuracy(data)(run.model_state())
+    return run.state_score(data)(run.model_state())

@@ -18,7 +18,7 @@ from torch import nn
 
 from expunge.errors import ExpungeError
 from expunge.privacy import causal_lm_loss, make_private
-from expunge.privacy.distributed import load_checkpoint, save_checkpoint
+from expunge.privacy.distributed import load_checkpoint, save_checkpoint, spawn
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier 0")
 
@@ -29,7 +29,7 @@ VOCAB, T = 11, 5
 
 def data(kind):
     g = torch.Generator().manual_seed(0)
-    if kind == "lm":
+    if kind in ("lm", "conv1d"):
         return (torch.randint(0, VOCAB, (N, T), generator=g),)
     return torch.randn(N, 6, generator=g, dtype=DT), torch.randint(0, 3, (N,), generator=g)
 
@@ -49,17 +49,35 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.mix(self.norm(self.emb(ids)))))
 
 
+class Conv1DLM(nn.Module):
+    """GPT-2's layers (transformers' Conv1D, the weight stored transposed as (in, out)) on sequences: each row's
+    gradient is materialised, and its clipped sum comes back as a transposed view."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.mix = Conv1D(4, 4)
+        self.head = Conv1D(VOCAB, 4)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
 def build(kind, seed=0):
     torch.manual_seed(seed)
     if kind == "lm":
         return TiedLM().to(DT)
+    if kind == "conv1d":
+        return Conv1DLM().to(DT)
     if kind == "wide":
         return nn.Sequential(nn.Linear(6, 400), nn.Tanh(), nn.Linear(400, 3)).to(DT)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 3)).to(DT)
 
 
 def loss_of(kind, model, batch):
-    if kind == "lm":
+    if kind in ("lm", "conv1d"):
         (ids,) = batch
         return causal_lm_loss(model(ids), ids)
     x, y = batch
@@ -76,6 +94,15 @@ SCENARIOS = {
     "ddp tied": ("lm", "ddp", "all-layer", 2, 0.0, 0.0),
     "fsdp tied": ("lm", "fsdp", "layer-wise", 2, 0.0, 0.0),
     "ddp noisy": ("mlp", "ddp", "layer-wise", 2, 0.7, 0.9),  # shared noise seed: the one-process draw
+    "ddp conv1d": ("conv1d", "ddp", "all-layer", 2, 0.0, 0.0),  # its clipped sum is a transposed view
+    "fsdp conv1d": ("conv1d", "fsdp", "layer-wise", 2, 0.0, 0.0),
+}
+# gradient transforms over DDP: (transform, clipping, noise multiplier); trained with optimizer.step(closure)
+TRANSFORMED = {
+    "ddp disk": ("disk", "all-layer", 0.0),
+    "ddp disk noisy": ("disk", "layer-wise", 0.7),
+    "ddp doppler": ("doppler", "all-layer", 0.0),
+    "ddp dicesgd": ("dicesgd", "layer-wise", 0.0),
 }
 BATCH = 4  # q = 1/15: with seed 5 one rank draws 6 rows (3 physical batches) while another draws none
 
@@ -95,22 +122,44 @@ def wrap(model, wrapper):
     return model
 
 
-def private(kind, model, noise=0.0, clipping="all-layer", physical=2, momentum=0.0, seed=5, distributed=None):
+def transform(name):
+    from expunge.privacy import DOPPLER, DiceSGD, DiSK
+
+    return {"disk": DiSK, "doppler": DOPPLER, "dicesgd": DiceSGD}[name]()
+
+
+def private(kind, model, noise=0.0, clipping="all-layer", physical=2, momentum=0.0, seed=5, distributed=None,
+            transforms=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=50.0, momentum=momentum)  # clipped steps are small
     return make_private(model, optimizer, data(kind), batch_size=BATCH, physical_batch_size=physical,
                         noise_multiplier=noise, max_grad_norm=C, clipping=clipping, seed=seed, target_delta=1e-5,
-                        distributed=distributed)
+                        distributed=distributed, transforms=transforms)
 
 
-def train(kind, engine, model, steps, started=None):
+def train(kind, engine, model, steps, started=None, closure=False):
     """Logical steps through the loader; returns the rows this process saw in each. `started` collects, for
-    each last physical batch with rows, how many clipping groups' reductions the backward pass launched."""
+    each last physical batch with rows, how many clipping groups' reductions the backward pass launched.
+    `closure`: step with optimizer.step(closure), as DiSK needs."""
     rows, seen, target = [], 0, engine.steps + steps
     while engine.steps < target:
         for batch in engine.loader:
+            seen += len(batch[0])
+            if closure:
+                def evaluate(batch=batch):
+                    engine.optimizer.zero_grad()
+                    loss = loss_of(kind, model, batch)
+                    loss.backward()
+                    return loss
+
+                engine.optimizer.step(evaluate)
+                if engine.optimizer._logical_end:
+                    rows.append(seen)
+                    seen = 0
+                if engine.steps == target:
+                    return rows
+                continue
             engine.optimizer.zero_grad()
             loss_of(kind, model, batch).backward()
-            seen += len(batch[0])
             if started is not None and engine.optimizer._logical_end and len(batch[0]):
                 started.append(engine.dist._next)
             engine.optimizer.step()
@@ -149,6 +198,12 @@ def worker(rank, world, folder):
             rows = train(kind, engine, model, STEPS, started)
             out[name] = {"params": params(model), "rows": rows, "epsilon": engine.epsilon(), "started": started,
                          "groups": len(engine.groups)}
+            engine.detach()
+        for name, (name_of_transform, clipping, noise) in TRANSFORMED.items():
+            model = wrap(build("mlp"), "ddp")
+            engine = private("mlp", model, noise, clipping, transforms=[transform(name_of_transform)])
+            rows = train("mlp", engine, model, STEPS, closure=True)
+            out[name] = {"params": params(model), "rows": rows, "epsilon": engine.epsilon()}
             engine.detach()
         for wrapper, secure in (("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True)):
             # a step with no rows on any rank: its gradient is the noise alone, over q n
@@ -204,11 +259,20 @@ def one_process(name):
     return params(model), engine.epsilon()
 
 
+def one_process_transformed(name):
+    name_of_transform, clipping, noise = TRANSFORMED[name]
+    model = build("mlp")
+    engine = private("mlp", model, noise, clipping, physical=BATCH, distributed=False,
+                     transforms=[transform(name_of_transform)])
+    train("mlp", engine, model, STEPS, closure=True)
+    return params(model), engine.epsilon()
+
+
 # -- the tests ---------------------------------------------------------------------------------------------
 
 def test_clipping_is_active():
     """C is below every row's gradient norm, so every row is clipped: the exactness tests test clipping."""
-    for kind in ("mlp", "lm"):
+    for kind in ("mlp", "lm", "conv1d"):
         model = build(kind)
         batch = data(kind)
         for i in range(N):
@@ -229,6 +293,27 @@ def test_update_equals_one_process_on_the_same_logical_batch(ranks, name):
         assert got["epsilon"] == pytest.approx(eps, rel=1e-12)
     moved = max((expected[n] - build(SCENARIOS[name][0]).state_dict()[n]).abs().max() for n in expected)
     assert moved > 1e-3  # the update is not a no-op
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMED))
+def test_transforms_over_ddp_equal_one_process(ranks, name):
+    """DiSK (two evaluation points, its Kalman filter), DOPPLER (a filter over steps) and DiceSGD (error feedback
+    from the unclipped sums) over DDP: one process's update to rounding, with noise 0 and with the shared noise."""
+    world, results = ranks
+    expected, eps = one_process_transformed(name)
+    start = build("mlp").state_dict()
+    moved = max((expected[n] - start[n]).abs().max() for n in expected)
+    assert moved > 1e-3  # the update is not a no-op
+    for r in range(world):
+        got = results[r][name]
+        for n, p in expected.items():
+            assert torch.allclose(got["params"][n], p, rtol=0, atol=1e-6), (name, r, n)
+            assert torch.equal(got["params"][n], results[0][name]["params"][n]), (name, r, n)  # replicas alike
+        assert got["epsilon"] == pytest.approx(eps, rel=1e-12)
+    plain = build("mlp")
+    without = private("mlp", plain, TRANSFORMED[name][2], TRANSFORMED[name][1], physical=BATCH, distributed=False)
+    train("mlp", without, plain, STEPS)
+    assert max((params(plain)[n] - expected[n]).abs().max() for n in expected) > 1e-4  # the transform mattered
 
 
 def test_ranks_draw_uneven_and_empty_shares_of_one_batch(ranks):
@@ -306,14 +391,22 @@ def test_refusals_leave_a_ddp_model_as_it_was(tmp_path):
     """A process group of one rank in this process: refusals come before the engine touches DDP's reducer."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from expunge.privacy import DiSK
+    from expunge.privacy import DiSK, Phase, PublicCoupling
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
         model = DistributedDataParallel(build("mlp"))
-        with pytest.raises(ExpungeError, match="transforms"):
+        public = (data("mlp")[0][:8], data("mlp")[1][:8])
+        with pytest.raises(ExpungeError, match=r"transforms \['PublicCoupling'\] do not run data parallel"):
             make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data("mlp"), batch_size=BATCH,
+                         noise_multiplier=1.0, transforms=[DiSK(), PublicCoupling(public)])
+        sharded = wrap(build("mlp"), "fsdp")
+        with pytest.raises(ExpungeError, match="not under FSDP2"):
+            make_private(sharded, torch.optim.SGD(sharded.parameters(), lr=0.1), data("mlp"), batch_size=BATCH,
                          noise_multiplier=1.0, transforms=[DiSK()])
+        with pytest.raises(ExpungeError, match="loss probes"):
+            make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), data("mlp"), batch_size=BATCH,
+                         noise_multiplier=1.0, reserve=[Phase(1.0, 0.1, 1)])
         with pytest.raises(ExpungeError, match="distributed=False"):
             private("mlp", model, distributed=False)
         assert model.require_backward_grad_sync
@@ -323,3 +416,22 @@ def test_refusals_leave_a_ddp_model_as_it_was(tmp_path):
         assert model.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+def _echo(rank, value):
+    return rank, value, dist.get_world_size()
+
+
+def _refuse(rank):
+    if rank == 1:
+        raise ExpungeError("rank 1 refuses")
+    dist.barrier()  # rank 0 waits on a collective that never completes: spawn must end it
+
+
+@pytest.mark.slow
+def test_spawn_returns_rank_zeros_result_and_raises_a_ranks_refusal():
+    assert spawn(_echo, 2, "x") == (0, "x", 2)
+    with pytest.raises(ExpungeError, match="rank 1 refuses"):
+        spawn(_refuse, 2)
+    with pytest.raises(ExpungeError, match="--nproc must be a positive"):
+        spawn(_echo, 0, "x")

@@ -238,6 +238,69 @@ def test_a_private_run_forgets_by_private_retraining(tmp_path):
     assert weights_hash(run.model) == weights_hash(from_scratch(run, corpus, active, private=dp))
 
 
+def row_gradient_norms(setup) -> list[float]:
+    """Each row's whole gradient norm at the setup's weights (what all-layer clipping compares with C)."""
+    from expunge.lm import row_losses
+
+    norms = []
+    for row in range(len(setup.data)):
+        setup.model.zero_grad()
+        row_losses(setup.model, setup.data.batch([row])).sum().backward()
+        norms.append(float(torch.sqrt(sum((p.grad ** 2).sum() for p in setup.model.parameters()))))
+    setup.model.zero_grad()
+    return norms
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_private_model_and_retrain_it_exactly(tmp_path):
+    """--nproc 2 (DDP over gloo): with noise 0 and every row clipped, the weights equal one process's to 1e-6
+    (SGD: the ranks' partial sums only change the rounding; AdamW would divide that rounding by sqrt(v) + eps on
+    coordinates whose gradient is near 0), the ledger row's counts and the privacy summary are one process's, and
+    a deletion retrains in two processes: bit for bit what two processes train from scratch on the other rows."""
+    settings = dict(n=16, batch_size=2, grad_accum=2, optimizer="sgd", lr=1.0)
+    clip = 0.5
+    runs = [train_run(tmp_path, name=f"nproc{nproc}", updater=LMPrivateTraining(
+        noise_multiplier=0.0, delta=1e-3, max_grad_norm=clip, nproc=nproc), **settings)[0] for nproc in (1, 2)]
+    one, two = runs
+    corpus = two.universe
+    assert min(row_gradient_norms(one._initial_setup())) > 3 * clip  # clipping is active on every row
+    a, b, start = one.model.state_dict(), two.model.state_dict(), one._initial_setup().model.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 0.05  # it trained
+    ra, rb = (run.ledger.entries()[-1]["report"] for run in runs)
+    counts = ("rows", "row_passes", "steps", "skipped_steps", "tokens", "target_tokens")
+    assert {k: rb["metrics"][k] for k in counts} == {k: ra["metrics"][k] for k in counts}
+    assert rb["metrics"]["final_loss"] == pytest.approx(ra["metrics"]["final_loss"], abs=1e-6)
+    assert rb["guarantee"] == ra["guarantee"] and two.manifest["privacy"] == one.manifest["privacy"]
+    assert two.manifest["method"]["config"]["nproc"] == 2 and RunModel.load(two.path).updater.nproc == 2
+
+    with pytest.raises(ExpungeError, match="settings it was trained with"):  # retraining keeps the run's nproc
+        two.forget([1, 2], method=LMPrivateTraining(noise_multiplier=0.0, delta=1e-3, max_grad_norm=clip))
+    report = two.forget([1, 2], method="retrain")
+    assert report.method == "lm-dp" and report.guarantee["privacy"]["sample_rate"] == 4 / 14
+    active = np.ones(16, bool)
+    active[[1, 2]] = False
+    scratch = from_scratch(two, corpus, active, private=LMPrivateTraining(
+        noise_multiplier=0.0, delta=1e-3, max_grad_norm=clip, nproc=2))
+    assert weights_hash(two.model) == weights_hash(scratch)
+
+
+def test_private_nproc_is_checked_before_a_run_exists(tmp_path):
+    from dataclasses import replace
+
+    corpus = load_corpus(write_qa(tmp_path, 8))
+    out = tmp_path / "out"
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ExpungeError, match="--nproc must be a positive number"):
+            LMPrivateTraining(noise_multiplier=1.0, delta=1e-2, nproc=bad)
+    with pytest.raises(ExpungeError, match="--nproc 3 is more processes than the expected batch has rows"):
+        LMRun.train(corpus, recipe(batch_size=1, grad_accum=2), LMPrivateTraining(noise_multiplier=1.0, delta=1e-2,
+                                                                                  nproc=3), out=out, tiny_config=TINY_LLAMA)
+    with pytest.raises(ExpungeError, match="on the CPU"):
+        LMPrivateTraining(noise_multiplier=1.0, delta=1e-2, nproc=2).check(replace(recipe(), device="cuda:0"), 8)
+    assert not out.exists()
+
+
 class LMRunNonPrivate:
     """An update method that is not private (stands in for the LM unlearning methods to come)."""
 

@@ -113,20 +113,21 @@ def test_drop_privacy_records_that_the_guarantee_ended_and_private_retraining_re
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_one_process_model(tmp_path):
+@pytest.mark.parametrize("transform", ["none", "disk"])
+def test_two_processes_train_the_one_process_model(tmp_path, transform):
     """--nproc 2: DDP over gloo with the shared row and noise streams gives one process's model (to rounding)
-    and its epsilon; a forget request retrains in two processes as well."""
+    and its epsilon, with or without a gradient transform; a forget request retrains in two processes as well."""
     data = blobs(200, 0)
-    one = PrivateTraining(noise_multiplier=1.0, delta=1e-4).fit(data, RECIPE, out=tmp_path / "one")
-    two = PrivateTraining(noise_multiplier=1.0, delta=1e-4, nproc=2).fit(data, RECIPE, out=tmp_path / "two")
+    settings = dict(noise_multiplier=1.0, delta=1e-4, transform=transform)
+    one = PrivateTraining(**settings).fit(data, RECIPE, out=tmp_path / "one")
+    two = PrivateTraining(**settings, nproc=2).fit(data, RECIPE, out=tmp_path / "two")
     assert torch.allclose(one.w, two.w, rtol=0, atol=1e-5)
     assert (one.w - one.w0).abs().max() > 1e-2  # it trained
     assert two.privacy["epsilon_pld"] == pytest.approx(one.privacy["epsilon_pld"], rel=1e-12)
-    assert RunModel.load(two.path).updater.nproc == 2
+    reopened = RunModel.load(two.path)
+    assert reopened.updater.nproc == 2 and reopened.updater.transform == transform
 
 
 def test_nproc_is_checked_before_a_run_exists():
     with pytest.raises(ExpungeError, match="--nproc"):
         PrivateTraining(noise_multiplier=1.0, nproc=0)
-    with pytest.raises(ExpungeError, match="--nproc"):
-        PrivateTraining(noise_multiplier=1.0, nproc=2, transform="disk")

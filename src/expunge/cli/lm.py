@@ -31,7 +31,7 @@ def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: flo
                  tiny_config: str | None, truncate_documents: bool, public_data: list[str],
                  public_epochs: int | None, dp: bool, epsilon: float | None, delta: float | None,
                  noise_multiplier: float | None, clip_fn: str, clipping: str, physical_batch_size: int | None,
-                 accountant: str, signing_key, quiet: bool) -> dict:
+                 accountant: str, signing_key, quiet: bool, init=None, nproc: int = 1) -> dict:
     """Read the corpus, check everything, train and write the run; returns the training's ledger report."""
     from ..lm import LMRecipe, load_corpus
     from ..unlearn.lm_run import LMPrivateTraining, LMRetrain, LMRun
@@ -50,19 +50,20 @@ def train_lm_run(data: list[str], out: Path, *, model: str, epochs: int, lr: flo
         updater = LMPrivateTraining(epsilon=epsilon, delta=1e-5 if delta is None else delta,
                                     noise_multiplier=noise_multiplier, max_grad_norm=1.0 if max_grad_norm is None
                                     else max_grad_norm, clipping=clipping, clip_fn=clip_fn,
-                                    physical_batch_size=physical_batch_size, accountant=accountant)
+                                    physical_batch_size=physical_batch_size, accountant=accountant, nproc=nproc)
     else:
         updater = LMRetrain()
     run = LMRun.train(corpus, recipe, updater, out=out, source=sources, public=public,
                       public_source=[str(Path(d).resolve()) for d in public_data] or None, public_epochs=public_epochs,
                       tiny_config=parse_tiny_config(tiny_config), truncate_documents=truncate_documents,
-                      progress=not quiet, signing_key=signing_key)
+                      progress=not quiet, signing_key=signing_key, init=init)
     report = run.ledger.entries()[-1]["report"]
     if not quiet:
         info, metrics = run.manifest["lm"], report["metrics"]
         lora = f", LoRA rank {recipe.lora_rank}" if recipe.lora else ""
         console.print(f"trained {model} ({info['parameters']:,} parameters, {info['trainable_parameters']:,} trained"
-                      f"{lora}) on {len(corpus)} rows, {metrics['steps']} steps in {report['seconds']:.2f} s, "
+                      f"{lora}) on {len(corpus)} rows, {metrics['steps']} steps in {report['seconds']:.2f} s"
+                      + (f" ({nproc} processes, data parallel)" if nproc > 1 else "") + ", "
                       f"final loss {metrics['final_loss']:.4f} -> {out}", highlight=False)
         console.print(f"model (AutoModelForCausalLM/AutoTokenizer.from_pretrained): {run.model_path}", highlight=False)
         if info.get("public"):

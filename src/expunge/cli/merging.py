@@ -80,24 +80,26 @@ def _print_outcome(outcome, what: str, quiet: bool) -> None:
     result, chosen, record = outcome.result, outcome.chosen, outcome.record
     names = [m.name for m in result.metrics]
     table = Table("c", *[f"{n} ({m.goal})" for n, m in zip(names, result.metrics)], title=f"front ({result.method}, "
-                  f"{result.n_evaluations} evaluated merges; {'predicted' if chosen['predicted'] else 'measured'})")
+                  f"{result.n_evaluations} evaluated merges; {record.get('score', 'accuracy')}, "
+                  f"{'predicted' if chosen['predicted'] else 'measured'})")
     from ..merge import thin
 
+    # accuracies as percentages; other scores (an LM's answer probability, often small) with their digits
+    shown = (lambda v: f"{100 * v:.2f}%") if record.get("score", "accuracy") == "accuracy" else (lambda v: f"{v:.4g}")
     front = result.front_values()
     for i in thin(front, 10):
         point = result.front[int(i)]
         mark = " *" if point["c"] == chosen["c"] else ""
-        table.add_row(", ".join(f"{v:.3f}" for v in point["c"]) + mark, *[f"{100 * v:.2f}%" for v in front[int(i)]])
+        table.add_row(", ".join(f"{v:.3f}" for v in point["c"]) + mark, *[shown(v) for v in front[int(i)]])
     console.print(table)
     r2 = {k: v for k, v in (record.get("r2_heldout") or {}).items() if v is not None}
     if r2:
         console.print("surrogate R^2 on held-out merges: " + ", ".join(f"{k} {v:.3f}" for k, v in r2.items()),
                       highlight=False)
-    shown = {k: f"{100 * v:.2f}%" for k, v in chosen["measured"].items()}
-    predicted = (" (predicted " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in chosen["predicted"].items()) + ")"
+    predicted = (" (predicted " + ", ".join(f"{k} {shown(v)}" for k, v in chosen["predicted"].items()) + ")"
                  if chosen["predicted"] else "")
     console.print(f"chosen c = {[round(v, 4) for v in chosen['c']]}: measured "
-                  + ", ".join(f"{k} {v}" for k, v in shown.items()) + predicted, highlight=False)
+                  + ", ".join(f"{k} {shown(v)}" for k, v in chosen["measured"].items()) + predicted, highlight=False)
     folder = outcome.run.run.current(outcome.run.manifest)
     console.print(f"{what} -> {outcome.run.path} (version {outcome.run.version}); front: {folder / 'front.json'}, "
                   f"{folder / 'front.png'}", highlight=False)
@@ -105,15 +107,19 @@ def _print_outcome(outcome, what: str, quiet: bool) -> None:
 
 MERGE_HELP = (
     "Merge runs fine-tuned from one base (theta = theta_0 + sum_n c_n tau_n) and write the merged model "
-    "as a new run.\n\n"
-    "MAP fits a quadratic surrogate of each task's accuracy in c from a few evaluated merges and searches "
-    "it for the Pareto front of trade-offs between the tasks; the point --prefer favours is merged, "
-    "measured and written. The run's manifest records the base, the models, the task vectors' hashes, c, "
-    "and the predicted and measured accuracies (section 'merge'); its version folder holds front.json and "
-    "front.png. A merged run has no update method: to delete rows, forget them in the runs it merges and "
-    "merge again.\n\n"
+    "as a new run. Zoo runs (tabular, image) and Hugging Face language-model runs (`expunge train --task lm "
+    "--init BASE`, full fine-tunes or LoRA: a LoRA run's model has its adapters merged) both merge.\n\n"
+    "The score of each task: accuracy for zoo runs; for language-model runs TOFU's answer probability, "
+    "exp(-mean NLL of a row's answer tokens (a document's every token)) averaged over the rows, in (0, 1], "
+    "higher is better. MAP fits a quadratic surrogate of each task's score in c from a few evaluated "
+    "merges and searches it for the Pareto front of trade-offs between the tasks; the point --prefer "
+    "favours is merged, measured and written. The run's manifest records the base, the models, the task "
+    "vectors' hashes, c, and the predicted and measured scores (section 'merge'); its version folder holds "
+    "front.json and front.png (a merged LM also its model, for from_pretrained). A merged run has no update "
+    "method: to delete rows, forget them in the runs it merges and merge again.\n\n"
     "Example: expunge merge --base pre --models mnist --models fashion --eval mnist=DIR1 --eval "
-    "fashion=DIR2 --prefer mnist=2,fashion=1 --out merged"
+    "fashion=DIR2 --prefer mnist=2,fashion=1 --out merged; LM: expunge merge --base tofu-base --models "
+    "authors-a --models authors-b --eval a=a.json --eval b=b.json --out tofu-merged"
 )
 
 
@@ -122,12 +128,15 @@ MERGE_HELP = (
 def merge(
     ctx: typer.Context,
     base: Path = typer.Option(..., help="The base run: the model the others were fine-tuned from (theta_0)."),
-    models: list[Path] = typer.Option(..., help="A run fine-tuned from the base (`expunge train --init BASE`); repeat "
+    models: list[Path] = typer.Option(..., help="A run fine-tuned from the base (`expunge train [--task lm] --init "
+                                      "BASE`); repeat "
                                       "for each: --models RUN1 --models RUN2. Its task vector is its model minus the "
                                       "base's."),
-    eval_sets: list[str] = typer.Option(..., "--eval", help="TASK=DATA: score merges by accuracy on DATA (a dataset as "
-                                        "`train --data` takes it, read as the base run was; its test split if it has "
-                                        "one, else all rows); repeat for each task."),
+    eval_sets: list[str] = typer.Option(..., "--eval", help="TASK=DATA: score merges on DATA; repeat for each task. "
+                                        "Zoo runs: accuracy on a dataset as `train --data` takes it, read as the base "
+                                        "run was (its test split if it has one, else all rows). Language-model runs: "
+                                        "answer probability on TOFU QA pairs (.json, .jsonl) or documents (.json, "
+                                        ".txt, a folder), as `train --task lm --data` takes them, all rows."),
     method: str = typer.Option("map", help="map (quadratic surrogates fitted to a few merges, searched for the "
                                "front), bayesian-map, nested-map, ties or dare (MAP on TIES- or DARE-processed task "
                                "vectors), grid (every merge on a grid, --steps per coefficient) or task-arithmetic "
@@ -169,10 +178,14 @@ TRADEOFF_HELP = (
     "0) to the one after (c = 1). Scored on the forget and retain sets, their front is the trade-off "
     "curve; the point --prefer favours is measured and recorded as RUN's next version, an update by "
     "method 'tradeoff' with its ledger row. Its guarantee is none by construction: the ledger records the "
-    "measured forget and retain accuracies (and front.json, front.png sit in the version folder). Exact, "
-    "certified and private runs refuse it (their guarantees would end).\n\n"
+    "measured forget and retain scores (and front.json, front.png sit in the version folder). Exact, "
+    "certified and private runs refuse it (their guarantees would end). Scores: accuracy for zoo runs; for "
+    "language-model runs (full fine-tunes; a LoRA run cannot hold a full model) TOFU's answer probability, "
+    "exp(-mean answer-token NLL) averaged over rows: an LM run has no test split, so give retain=rows or "
+    "retain=DATA.\n\n"
     "Example: cp -r run run.v1; expunge forget run --ids ids.txt --method fisher; expunge tradeoff run "
-    "--before run.v1 --prefer forget=1,retain=2"
+    "--before run.v1 --prefer forget=1,retain=2. LM: cp -r lm lm.v1; expunge forget lm --group author-3 "
+    "--method ngdiff; expunge tradeoff lm --before lm.v1 --eval forget=deleted --eval retain=rows"
 )
 
 
@@ -187,8 +200,9 @@ def tradeoff(
     after: str | None = typer.Option(None, help="The model after it: RUN's current version (the default and the "
                                         "only choice: the chosen point becomes its next version)."),
     eval_sets: list[str] = typer.Option(["forget=deleted", "retain=test"], "--eval", help="forget=DATA and "
-                                        "retain=DATA: forget accuracy is minimised, retain accuracy maximised. DATA is "
-                                        "a dataset, or 'deleted' (the rows deleted since --before), 'test' (the "
+                                        "retain=DATA: the forget score (accuracy; LM: answer probability) is "
+                                        "minimised, the retain score maximised. DATA is a dataset (LM: QA pairs or "
+                                        "documents), or 'deleted' (the rows deleted since --before), 'test' (the "
                                         "run's test split), 'rows' (its current rows)."),
     method: str = typer.Option("map", help="map (quadratic surrogates in c from a few merges) or grid (--steps "
                                "evaluated merges)."),

@@ -33,7 +33,8 @@ def print_report(report, quiet: bool) -> None:
                       + (f" (about {left} more typical removals)" if left is not None else ""))
     elif g.get("kind") == "evaluated":  # a merge or a trade-off point
         table.add_row("guarantee", "none by construction; evaluated: " + ", ".join(
-            f"{k} {100 * v:.2f}%" for k, v in g.get("measured", {}).items()) + f" at c = {g.get('c')}")
+            f"{k} {_measured(v, g.get('score', 'accuracy'))}" for k, v in g.get("measured", {}).items())
+            + (f" at c = {g['c']}" if g.get("c") is not None else ""))
     elif g.get("kind") in ("scrubbed", "none"):
         table.add_row("guarantee", "none: scrubbing/fine-tuning is judged by `expunge evaluate` against a retrained run"
                       if g["kind"] == "none" else f"none (Fisher scrubbing, lam={g['lam']:g}, noise norm {g['noise_norm']:.3g})")
@@ -75,3 +76,10 @@ def print_privacy(privacy: dict) -> None:
                   f"{privacy['delta']:g}; noise multiplier {privacy['noise_multiplier']:.4f}, sampling rate "
                   f"{privacy['sample_rate']:.5f}, {privacy['steps']} steps, clipping {privacy['clipping']} "
                   f"({privacy['clip_fn']}, C={privacy['max_grad_norm']:g})")
+
+
+def _measured(value, score: str) -> str:
+    """An evaluated guarantee's figure: accuracies as percentages, counts as counts, other scores as numbers."""
+    if isinstance(value, int):
+        return str(value)
+    return f"{100 * value:.2f}%" if score == "accuracy" else f"{value:.4g}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -189,7 +190,9 @@ def train(
                                                       "batches of this many rows (memory); noise is added once."),
     accountant: str = typer.Option("pld", help="DP: accountant that calibrates the noise, pld (tight) or rdp."),
     nproc: int = typer.Option(1, "--nproc", help="DP: train data parallel in this many processes (torch.distributed, "
-                              "gloo, DDP); batches, noise and epsilon are one process's with the same seed."),
+                              "gloo, DDP; at most one per CPU core; LM: on the CPU, at most batch-size x grad-accum); "
+                              "batches, noise and epsilon are one process's with the same seed, and retraining "
+                              "after a deletion uses the run's count."),
     dp_transform: str = typer.Option("none", help="DP: transformation of the private gradient: none (DP-SGD/DP-Adam), "
                                      "disk (Kalman filter, kappa 0.7, gamma 0.5), doppler (low-pass filter) or "
                                      "dicesgd (error feedback, C2 = C)."),
@@ -248,7 +251,8 @@ def train(
                                            "to epsilon, and a tiny model's tokenizer is trained on these texts alone."),
     public_epochs: Optional[int] = typer.Option(None, help="LM: epochs of the public phase (default --epochs)."),
     init: Optional[Path] = typer.Option(None, help="Fine-tune from this run's current model instead of a fresh "
-                                        "initialisation (same model, features and classes); the run records it, and "
+                                        "initialisation (same model, features and classes; LM: the run's model "
+                                        "folder and tokenizer, instead of --model); the run records it, and "
                                         "`expunge merge --base INIT` merges the runs fine-tuned from it."),
     signing_key: Optional[Path] = SIGNING_KEY_OPTION,
     json_out: Optional[str] = typer.Option(None, "--json", help=JSON_HELP),
@@ -265,6 +269,7 @@ def train(
                   "--warmup-steps": warmup_steps, "--momentum": momentum, "--lora-rank": lora_rank,
                   "--lora-alpha": lora_alpha, "--lora-targets": lora_targets, "--vocab-size": vocab_size,
                   "--tiny-config": tiny_config, "--public-data": public_data or None, "--public-epochs": public_epochs}
+    _check_nproc(nproc, dp)
     if task == "lm":
         from .lm import train_lm_run
 
@@ -273,8 +278,7 @@ def train(
                         "--classes": classes is not None, "--l2-normalize": l2_normalize,
                         "--test-data": test_data is not None, "--dp-transform": dp_transform != "none",
                         "--encode-labels": encode_labels, "--encode-categories": encode_categories,
-                        "--standardize": standardize, "--label-column": label_column is not None,
-                        "--init": init is not None, "--nproc": nproc != 1}  # LM runs train in one process (so far)
+                        "--standardize": standardize, "--label-column": label_column is not None}
         given = [name for name, used in tabular_only.items() if used]
         if given:
             raise ExpungeError(f"{', '.join(given)} apply to tabular runs, not to --task lm; drop them (an LM run is "
@@ -283,8 +287,20 @@ def train(
         if auto and dp:
             raise ExpungeError("--lr auto (GeN) is not available with --dp: its loss probes would read private rows "
                                "without being accounted in epsilon; give a fixed --lr")
+        start = None
+        if init is not None:
+            from ..unlearn import RunModel
+
+            if model is not None:
+                raise ExpungeError("--init fine-tunes the init run's current model (its folder is the model); drop "
+                                   "--model")
+            start = RunModel.load(init)
+            if start.kind != "lm":
+                raise ExpungeError(f"--init {init} is a tabular run; with --task lm fine-tune a language-model run")
+            model = str(start.model_path)
         if model is None:
-            raise ExpungeError("--task lm needs --model: tiny-llama, tiny-gpt2, smollm2, a model folder or a .gguf file")
+            raise ExpungeError("--task lm needs --model: tiny-llama, tiny-gpt2, smollm2, a model folder or a .gguf file "
+                               "(or --init RUN to fine-tune a language-model run's current model)")
         report = train_lm_run(
             data, out, model=model, epochs=1 if epochs is None else epochs,
             lr=(1e-4 if lr_start is None else lr_start) if auto else 1e-4 if lr is None else float(lr), lr_auto=auto, lr_every=lr_every,
@@ -295,7 +311,8 @@ def train(
             device=device, dtype=dtype, seed=seed, tiny_config=tiny_config, truncate_documents=truncate_documents,
             public_data=public_data, public_epochs=public_epochs, dp=dp, epsilon=epsilon, delta=delta,
             noise_multiplier=noise_multiplier, clip_fn=clip_fn, clipping=clipping,
-            physical_batch_size=physical_batch_size, accountant=accountant, signing_key=signing_key, quiet=quiet)
+            physical_batch_size=physical_batch_size, accountant=accountant, signing_key=signing_key, quiet=quiet,
+            init=start, nproc=nproc)
         write_json(json_out, report)
         return
     if task != "tabular":
@@ -338,8 +355,6 @@ def train(
         train_set = preprocess(train_set, **spec)
         test_set = preprocess(test_set, **spec) if test_set is not None else None
     source = data if data == "digits" else str(Path(data).resolve())
-    if nproc != 1 and not dp:
-        raise ExpungeError("--nproc trains privately in several processes: add --dp")
     start = None
     if init is not None:
         from ..unlearn import RunModel
@@ -391,6 +406,20 @@ def train(
         if method == "dp":
             print_privacy(report["guarantee"]["privacy"])
     write_json(json_out, report)
+
+
+def _check_nproc(nproc: int, dp: bool) -> None:
+    """--nproc: private training only, at least 1, at most one process per CPU core of this machine (each rank
+    is a training process of its own; more only queue for the cores). Retraining a run later uses the run's own
+    count whatever the machine, so that it reproduces the training."""
+    if nproc < 1:
+        raise ExpungeError(f"--nproc must be a positive number of processes, got {nproc}")
+    if nproc != 1 and not dp:
+        raise ExpungeError("--nproc trains privately in several processes: add --dp")
+    cores = os.cpu_count() or 1
+    if nproc > cores:
+        raise ExpungeError(f"--nproc {nproc} is more processes than this machine has CPU cores ({cores}): "
+                           f"use at most {cores}")
 
 
 def _load(run: Path, data: Optional[str], wait: float):

@@ -30,7 +30,10 @@ Private training refuses it: the probes would read private rows without being ac
 Private training. ``private(model, optimizer, data, recipe)`` returns a make_private-style engine (``.optimizer``
 wrapping ours, ``.loader`` yielding Poisson-sampled physical batches); the trainer then follows the engine's
 sampling instead of the plan, on the active rows, and the loss passed back is the mean of the rows' losses
-(``loss_reduction="mean"``). ``dp_hook(...)`` builds one from ``expunge.privacy.make_private``.
+(``loss_reduction="mean"``); ``TrainResult.losses`` holds each logical batch's mean row loss. ``dp_hook(...)``
+builds one from ``expunge.privacy.make_private``. In data-parallel private training (``model`` in
+DistributedDataParallel, every rank calling train_lm: ``expunge.unlearn.lm_run``'s ``--nproc``) each rank trains on
+its share of every logical batch and the counts and losses of the result are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ PrivateHook = Callable[[torch.nn.Module, torch.optim.Optimizer, TokenDataset, LM
 class TrainResult:
     """What a training did: optimizer ``steps`` taken, plan steps ``skipped`` (all rows removed), row passes,
     input tokens (padding excluded) and target tokens processed, ``losses`` (the mean row loss of each
-    optimizer step; in private training, of each non-empty physical batch), wall time, and the privacy
+    optimizer step; in private training, of each logical batch that drew rows), wall time, and the privacy
     engine when training was private."""
 
     steps: int = 0
@@ -245,8 +248,14 @@ def _train_private(model, data, recipe, active, private, optimizer, progress) ->
     engine = private(model, optimizer, data.take(np.flatnonzero(active)), recipe)
     n_steps = recipe.epochs * len(engine.loader)
     schedule = make_schedule(optimizer, recipe, n_steps)
-    # the engine steps our optimizer once per logical batch: the schedule follows it
-    hook = optimizer.register_step_post_hook(lambda *args: schedule.step())
+    step_losses, current = [], [0.0, 0]  # per logical batch: its rows' summed loss and their number
+
+    def logical_step(*args) -> None:  # the engine steps our optimizer once per logical batch
+        schedule.step()
+        step_losses.append(tuple(current))
+        current[:] = [0.0, 0]
+
+    hook = optimizer.register_step_post_hook(logical_step)
     result = TrainResult(engine=engine)
     physical = 0
     try:
@@ -258,15 +267,33 @@ def _train_private(model, data, recipe, active, private, optimizer, progress) ->
                     with seeded(step_seed(recipe.seed, physical)):
                         losses = row_losses(model, {k: v.to(device) for k, v in batch.items()})
                         losses.mean().backward()
-                    result.losses.append(float(losses.detach().mean()))
+                    current[0] += float(losses.detach().double().sum())
+                    current[1] += len(losses)
                     _count(result, batch)
                 engine.optimizer.step()  # an empty draw still steps: the engine releases pure noise
                 physical += 1
     finally:
         hook.remove()
     result.steps = schedule.last_epoch
+    _combine_ranks(result, step_losses, engine)
     engine.optimizer.zero_grad(set_to_none=True)
     return result
+
+
+def _combine_ranks(result: TrainResult, step_losses: list[tuple[float, int]], engine) -> None:
+    """Set ``result.losses`` to each logical batch's mean row loss (batches that drew rows) and, when the engine
+    trains data parallel, sum the losses and counts over the ranks: every rank's result is then the whole
+    training's, the same figures one process gives (to the rounding of the sums)."""
+    sums = torch.tensor(step_losses, dtype=torch.float64).reshape(-1, 2)
+    counts = torch.tensor([result.rows, result.tokens, result.target_tokens], dtype=torch.int64)
+    parallel = getattr(engine, "dist", None)
+    if parallel is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums, group=parallel.group)
+        dist.all_reduce(counts, group=parallel.group)
+        result.rows, result.tokens, result.target_tokens = (int(c) for c in counts)
+    result.losses = [float(total / rows) for total, rows in sums.tolist() if rows > 0]
 
 
 def _count(result: TrainResult, batch: dict[str, torch.Tensor]) -> None:

@@ -7,9 +7,10 @@ version folder. ``tradeoff_run(run, before, ...)`` finds the forgetting front be
 run and its current one and records the chosen point as the run's next version, with its ledger row.
 
 Runs are read only through the run class's merging methods (RunModel.architecture, model_state,
-state_accuracy, write_merged; unlearn/run.py): the zoo runs implement them, and a run kind that does
-(Hugging Face LM runs) is merged by the same code. Every input is checked before a merge is evaluated
-and before anything is written.
+evaluation_set, state_score, score, write_merged; unlearn/run.py): the zoo runs (scored by accuracy) and the
+Hugging Face LM runs (scored by TOFU's answer probability, exp(-mean answer-token NLL) averaged over rows)
+implement them and are merged by the same code. Both scores lie in [0, 1], higher is better, and are fitted
+through a sigmoid. Every input is checked before a merge is evaluated and before anything is written.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import IndexedDataset, load_dataset, preprocess
 from ..errors import ExpungeError
 from ..unlearn import RunModel
 from .design import default_heldout, default_points
@@ -95,40 +95,6 @@ def _check_points(points: int | None, n_vars: int) -> None:
         raise ExpungeError(f"{points} design point(s) cannot fit a full quadratic in {n_vars} coefficient(s), which has "
                            f"{n_coefficients(n_vars)} parameters; use at least that many (MAP's default is "
                            f"{default_points(n_vars)})")
-
-
-def read_eval(spec: str | IndexedDataset, run: RunModel, name: str) -> tuple[IndexedDataset, dict]:
-    """An evaluation set as the run's model reads it, and what to record about it.
-
-    A dataset spec (as `expunge train --data` takes it) is read with the run's recorded reading spec and
-    preprocessing; its held-out split is scored when it has one (MNIST folders, .npz with x_test, digits),
-    else all its rows. An IndexedDataset is scored as it is."""
-    if isinstance(spec, IndexedDataset):
-        data, info = spec, {"data": spec.name, "split": "given"}
-    else:
-        if not isinstance(spec, str) or not spec.strip():
-            raise ExpungeError(f"evaluation set {name!r}: give a dataset (digits, a .npz, a table, an MNIST folder)")
-        read = run.manifest["data"].get("read")
-        if read and read.get("test"):
-            read = {**read, "test": None}
-        try:
-            train, test = load_dataset(spec, read_spec=read)
-        except FileNotFoundError as e:
-            raise ExpungeError(f"evaluation set {name!r}: {spec} cannot be read ({e})") from None
-        spec_pre = run.manifest["data"].get("preprocess")
-        if spec_pre:
-            train = preprocess(train, **spec_pre)
-            test = preprocess(test, **spec_pre) if test is not None else None
-        data, split = (test, "test") if test is not None and len(test) else (train, "all rows")
-        info = {"data": spec, "split": split}
-    n_features, n_classes = run.universe.n_features, run.n_classes
-    if len(data) == 0:
-        raise ExpungeError(f"evaluation set {name!r} has no rows")
-    if data.n_features != n_features:
-        raise ExpungeError(f"evaluation set {name!r} has {data.n_features} features; the models take {n_features}")
-    if data.y.min() < 0 or data.y.max() >= n_classes:
-        raise ExpungeError(f"evaluation set {name!r} has labels outside 0..{n_classes - 1}, the models' classes")
-    return data, {**info, "rows": len(data), "fingerprint": data.fingerprint()}
 
 
 class _Counter:
@@ -216,14 +182,16 @@ def _names(models: Sequence[RunModel], names: Sequence[str] | None) -> list[str]
     return stems if len(set(stems)) == len(stems) else [f"model{i + 1}" for i in range(len(models))]
 
 
-def merge_runs(base, models: Sequence, evals: Mapping[str, str | IndexedDataset], method: str = "map", *, out,
+def merge_runs(base, models: Sequence, evals: Mapping[str, object], method: str = "map", *, out,
                c: Sequence[float] | None = None, points: int | None = None, steps: int = 11,
                preferences: Mapping[str, float] | None = None, bounds: tuple[float, float] = (0.0, 1.0),
                density: float = 0.2, p: float = 0.5, names: Sequence[str] | None = None, search: str = "auto",
                seed: int = 0, signing_key=None, progress: bool = False) -> MergeOutcome:
     """Merge runs fine-tuned from ``base`` and write the merged model as a new run at ``out``.
 
-    ``evals``: {task: dataset spec or IndexedDataset}, each scored by accuracy. ``method``: one of
+    ``evals``: {task: evaluation set}, each scored by the base run's ``score``: for zoo runs a dataset spec or
+    IndexedDataset scored by accuracy, for language-model runs TOFU QA pairs or documents (a path, or a Corpus)
+    scored by answer probability (exp(-mean NLL of each row's target tokens), averaged). ``method``: one of
     pipeline.METHODS (map, bayesian-map, nested-map, ties, dare: MAP; grid, task-arithmetic: evaluated
     baselines). ``c``: merge at these coefficients instead of searching (task-arithmetic, ties or dare);
     a one-hot c gives that fine-tuned model bit for bit. ``preferences``: {task: weight} picking the front
@@ -262,11 +230,11 @@ def merge_runs(base, models: Sequence, evals: Mapping[str, str | IndexedDataset]
             raise ExpungeError(f"model {name!r} is the base run itself; give runs fine-tuned from it")
         base.check_same_architecture(run, f"model {name!r}")
     relations = [_base_relation(base, run, name) for name, run in zip(names, runs)]
-    eval_sets = {name: read_eval(spec, base, name) for name, spec in evals.items()}
+    eval_sets = {name: base.evaluation_set(spec, name) for name, spec in evals.items()}
 
     vectors = TaskVectors.from_models(base.model_state(), [r.model_state() for r in runs], names,
                                       min_cosine=None if all(r == "init" for r in relations) else MIN_COSINE)
-    scorers = {name: base.state_accuracy(data) for name, (data, _) in eval_sets.items()}
+    scorers = {name: base.state_score(data) for name, (data, _) in eval_sets.items()}
     total = _expected_evaluations(method, len(runs), points, steps, c is not None)
     with _Counter(scorers, total, f"merge ({method}): evaluating merges", progress) as evaluate:
         if c is not None:
@@ -282,7 +250,7 @@ def merge_runs(base, models: Sequence, evals: Mapping[str, str | IndexedDataset]
             state, point = materialise(vectors, result, preferences)
             chosen = {"c": point["c"], "predicted": point.get("predicted"), "measured": _measured(point, state, evaluate)}
     record = {
-        "method": method, "base": base.init_record(),
+        "method": method, "score": base.score, "base": base.init_record(),
         "models": [{"name": n, **r.init_record(), "base_check": rel} for n, r, rel in zip(names, runs, relations)],
         "task_vectors": result.details["vectors"], "c": chosen["c"], "bounds": list(bounds), "preferences": preferences,
         "predicted": chosen["predicted"], "measured": chosen["measured"], "evaluations": result.n_evaluations,
@@ -335,9 +303,9 @@ def _version_model(run: RunModel, which, what: str) -> tuple[RunModel, dict]:
     return copy, {"version": copy.version, "model_hash": copy.manifest["model_hash"], "from": str(Path(which).resolve())}
 
 
-def _tradeoff_set(spec, run: RunModel, before: RunModel, name: str) -> tuple[IndexedDataset, dict]:
+def _tradeoff_set(spec, run: RunModel, before: RunModel, name: str) -> tuple[object, dict]:
     """``deleted``: the rows active in the model before and not now; ``test``: the run's test split;
-    ``rows``: its current rows; anything else: a dataset as read_eval reads it."""
+    ``rows``: its current rows; anything else: data as the run's evaluation_set reads it."""
     if spec == DELETED:
         n = len(before.active)
         gone = np.flatnonzero(before.active & ~run.active[:n])
@@ -348,14 +316,15 @@ def _tradeoff_set(spec, run: RunModel, before: RunModel, name: str) -> tuple[Ind
         return data, {"data": DELETED, "rows": len(data), "fingerprint": data.fingerprint()}
     if spec == TEST:
         if run.test is None or len(run.test) == 0:
-            raise ExpungeError(f"{name}=test: {run.path} has no test split; give the {name} set as a dataset")
+            raise ExpungeError(f"{name}=test: {run.path} has no test split; give the {name} set as data, or "
+                               "'rows' (the run's current rows)")
         return run.test, {"data": TEST, "rows": len(run.test), "fingerprint": run.test.fingerprint()}
     if spec == ROWS:
         return run.data, {"data": ROWS, "rows": len(run.data), "fingerprint": run.data.fingerprint()}
-    return read_eval(spec, run, name)
+    return run.evaluation_set(spec, name)
 
 
-def tradeoff_run(run: RunModel, before, after=None, evals: Mapping[str, str | IndexedDataset] | None = None,
+def tradeoff_run(run: RunModel, before, after=None, evals: Mapping[str, object] | None = None,
                  method: str = "map", *, points: int | None = None, steps: int = 21,
                  preferences: Mapping[str, float] | None = None, bounds: tuple[float, float] = (0.0, 1.0),
                  seed: int = 0, requested_by: str | None = None, reason: str | None = None,
@@ -367,10 +336,12 @@ def tradeoff_run(run: RunModel, before, after=None, evals: Mapping[str, str | In
     ``run``: an open run, best held locked from loading (``with RunModel.locked(path) as run``).
     ``before``: a version number (only the current version's weights are kept by a run) or a copy of the run
     saved at that version. ``after``: the current version (the default; the point is written on top of it).
-    ``evals``: {"forget": ..., "retain": ...}, each a dataset or ``deleted`` (the rows deleted since
-    ``before``), ``test`` (the run's test split) or ``rows`` (its current rows); default forget=deleted,
-    retain=test. Forget accuracy is minimised, retain accuracy maximised. ``method``: map (quadratic
-    surrogates from ``points`` merges) or grid (``steps`` evaluated merges)."""
+    ``evals``: {"forget": ..., "retain": ...}, each data as the run's evaluation_set reads it (a dataset; for
+    an LM run QA pairs or documents) or ``deleted`` (the rows deleted since ``before``), ``test`` (the run's
+    test split; LM runs have none) or ``rows`` (its current rows); default forget=deleted, retain=test. The
+    forget score (the run's ``score``: accuracy, an LM run's answer probability) is minimised, the retain
+    score maximised. ``method``: map (quadratic surrogates from ``points`` merges) or grid (``steps``
+    evaluated merges). On an LM run the point is recorded by ``lm-tradeoff``; LoRA runs refuse it."""
     if method not in TRADEOFF_METHODS:
         raise ExpungeError(f"unknown trade-off method {method!r}; choose one of {', '.join(TRADEOFF_METHODS)}")
     evals = dict(evals or {"forget": DELETED, "retain": TEST})
@@ -396,7 +367,7 @@ def tradeoff_run(run: RunModel, before, after=None, evals: Mapping[str, str | In
     after_info = {"version": run.version, "model_hash": run.manifest["model_hash"], "from": "the run"}
     sets = {name: _tradeoff_set(spec, run, source, name) for name, spec in evals.items()}
 
-    scorers = {name: run.state_accuracy(data) for name, (data, _) in sets.items()}
+    scorers = {name: run.state_score(data) for name, (data, _) in sets.items()}
     before_state, after_state = source.model_state(), run.model_state()
     total = (points or default_points(1)) + default_heldout(points or default_points(1)) + 1 if method == "map" else steps
     with _Counter(scorers, total, "tradeoff: evaluating merges", progress) as evaluate:
@@ -406,19 +377,18 @@ def tradeoff_run(run: RunModel, before, after=None, evals: Mapping[str, str | In
             result = measured_tradeoff(before_state, after_state, evaluate, *metrics, bounds=bounds, steps=steps)
         state, point = materialise(interpolation(before_state, after_state), result, preferences)
         chosen = {"c": point["c"], "predicted": point.get("predicted"), "measured": _measured(point, state, evaluate)}
-    record = {"method": method, "before": before_info, "after": after_info, "c": chosen["c"], "bounds": list(bounds),
+    record = {"method": method, "score": run.score, "before": before_info, "after": after_info, "c": chosen["c"], "bounds": list(bounds),
               "preferences": preferences, "predicted": chosen["predicted"], "measured": chosen["measured"],
               "evaluations": result.n_evaluations, "r2_heldout": result.r_squared() or None,
               "eval": {name: info for name, (_, info) in sets.items()}, "front": [FRONT_JSON, FRONT_PNG]}
     if not all(math.isfinite(v) for v in chosen["measured"].values()):
         raise ExpungeError(f"the chosen point's metrics are not finite: {chosen['measured']}")
-    from ..unlearn.tradeoff import Tradeoff
+    from ..unlearn.registry import make_updater, resolve
+    from ..unlearn.tradeoff import TRADEOFF
 
     files = _files(result, chosen, record, f"forgetting trade-off of {run.path.name}, versions "
                    f"{before_info['version']} -> {after_info['version']}")
-    updater = Tradeoff(weights=state["w"] if set(state) == {"w"} else None, record=record, evidence=files)
-    if updater.weights is None:
-        raise ExpungeError(f"{run.path}: recording a trade-off point is implemented for the zoo runs' weights only")
+    updater = make_updater(resolve(TRADEOFF, run.kind), state=state, record=record, evidence=files)
     report = run.revise(updater, progress, kind="tradeoff", requested_by=requested_by, reason=reason,
                         reference=reference, drop_privacy=drop_privacy, signing_key=signing_key)
     record["report"] = report.to_dict()

@@ -23,16 +23,25 @@ process group changes:
   independent noise, from a stream of its own, to its shard: every coordinate gets noise once.
 - The average is over the expected global batch q n; the accountant sees the global q and the logical
   steps: epsilon is the one-process engine's.
+- Gradient transforms (DiSK, DOPPLER, DiceSGD) run with replicated parameters: once the sums are reduced (and,
+  for DiceSGD, the unclipped sums too), every rank runs the one-process release on them, so the transforms'
+  state is the same on every rank. DiSK's second evaluation point defers clipping to step(), so its sums are
+  reduced there rather than from the backward pass. Under FSDP2 they are refused (DiceSGD needs the norm of
+  the whole error, DiSK the whole step), as are GeN's loss probes (their releases are not reduced yet).
 
 DDP's own gradient reducer is switched off while the engine is attached: it would average gradients that
 autograd does not compute for most layers; the engine's reduction of the clipped sums takes its place. The
 engine's collectives run on a process group of their own, so their order never interleaves with FSDP's
 all-gathers. Every reduction is a sum, and make_private checks that the backend's collectives do sum (a
 reduce-scatter that averaged, as FSDP2's did on gloo in some torch versions, would scale every update by 1/W).
+
+``spawn(fn, nproc, ...)`` runs a training in nproc fresh processes of one machine joined in a gloo group (what
+``expunge train --dp --nproc N`` uses for tabular and language-model runs) and hands back rank 0's result.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -187,6 +196,8 @@ class DataParallel:
             s = engine.summed.get(id(p))
             if s is None:  # nothing drawn on this rank (or the layer unused): it still takes part
                 s = engine.summed[id(p)] = torch.zeros(p.shape, dtype=_wide(p.dtype), device=p.device)
+            elif not s.is_contiguous():  # a transposed view (Conv1D's sum): the collectives need dense memory
+                s = engine.summed[id(p)] = s.contiguous()
             if self.kind == "fsdp":  # FSDP2's layout: torch.chunk of dim 0, each chunk padded to the first's size
                 chunk = -(-p.shape[0] // self.world)
                 padded = s if chunk * self.world == s.shape[0] else torch.cat(
@@ -203,6 +214,8 @@ class DataParallel:
         for group in self._order[self._next:]:
             self._launch(engine, group)
         std, mean = engine.noise_std, engine.expected_batch_size
+        if engine.transforms:
+            return self._release_transformed(engine, std, mean)
         grads = []
         for p in engine.params:
             work, g = self._pending.pop(id(p))
@@ -220,6 +233,43 @@ class DataParallel:
 
                 g = DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             grads.append(g)
+        self._ready.clear()
+        self._next = 0
+        return grads
+
+    def _release_transformed(self, engine, std: float, mean: float) -> list[torch.Tensor]:
+        """Replicated parameters (DDP, a plain model) with gradient transforms: the one-process release on the
+        sums reduced over the ranks. Every sum is complete first (DiceSGD's error feedback takes the norm of all
+        of them), then the transforms before noise, the noise (the shared draw), the average and the transforms
+        after noise run on every rank alike, so their state, like the replicas, stays the same everywhere."""
+        summed = []
+        for p in engine.params:
+            work, s = self._pending.pop(id(p))
+            work.wait()
+            summed.append(s)
+        unclipped = None
+        if engine.need_unclipped:  # sum_i g_i over the logical batch, as the one-process engine holds it
+            unclipped = []
+            for p in engine.params:
+                u = engine.unclipped.get(id(p))
+                if u is None:
+                    u = torch.zeros(p.shape, dtype=_wide(p.dtype), device=p.device)
+                u = u.contiguous()
+                dist.all_reduce(u, group=self.group)
+                unclipped.append(u)
+        for t in engine.transforms:
+            summed = t.before_noise(engine, summed, unclipped)
+        if std > 0:
+            for s in summed:
+                if engine.secure_rng:  # no shared seed: rank 0 draws, all take its sum
+                    if self.rank == 0:
+                        engine.noise.add_to(s, std)
+                    dist.broadcast(s, src=self.root, group=self.group)
+                else:
+                    engine.noise.add_to(s, std)
+        grads = [s.div_(mean) for s in summed]
+        for t in engine.transforms:
+            grads = t.after_noise(engine, grads)
         self._ready.clear()
         self._next = 0
         return grads
@@ -286,3 +336,43 @@ def load_checkpoint(directory, model: nn.Module, optimizer, engine) -> None:
     dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory / "shards"))
     set_state_dict(model, base, model_state_dict=model_state, optim_state_dict=optim_state)
     engine.load_state_dict(torch.load(directory / "engine.pt", weights_only=False))
+
+
+# -- launching ---------------------------------------------------------------------------------------------
+def spawn(fn, nproc: int, *args):
+    """Run ``fn(rank, *args)`` in ``nproc`` fresh processes (torch.multiprocessing.spawn) joined in a gloo process
+    group (a file rendezvous in a temporary folder) and return rank 0's result. ``fn`` must be a module-level
+    function and its arguments picklable. When a rank fails, spawn ends the others (none waits on a collective
+    forever); an ExpungeError raised by a rank is raised here as one, with its message. The processes start by
+    importing the main module afresh (the spawn start method): a script that gets here keeps its top-level work
+    under ``if __name__ == "__main__":``."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise ExpungeError(f"--nproc must be a positive number of processes, got {nproc!r}")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            mp.spawn(_spawned, args=(fn, nproc, folder, args), nprocs=nproc, join=True)
+        except mp.ProcessRaisedException:
+            refused = sorted(Path(folder).glob("refused-*.txt"))
+            if refused:
+                raise ExpungeError(refused[0].read_text()) from None
+            raise
+        return torch.load(Path(folder) / "result.pt", weights_only=False)
+
+
+def _spawned(rank: int, fn, nproc: int, folder: str, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=nproc)
+    try:
+        result = fn(rank, *args)
+        if rank == 0:
+            partial = Path(folder) / "result.pt.partial"
+            torch.save(result, partial)
+            os.replace(partial, Path(folder) / "result.pt")
+    except ExpungeError as e:
+        (Path(folder) / f"refused-{rank}.txt").write_text(str(e))
+        raise
+    finally:
+        dist.destroy_process_group()

@@ -487,7 +487,7 @@ class PrivacyEngine:
         if self.dist is not None:  # reduced over the ranks, noised once, averaged; in each parameter's layout
             for p, g in zip(self.params, self.dist.release(self)):
                 p.grad = g.to(p.dtype)
-            self.summed = {}
+            self.summed, self.unclipped = {}, {}
             self.steps += 1
             return
         summed = [held(self.summed, p) for p in self.params]
@@ -833,9 +833,17 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data, *, ba
     if isinstance(optimizer, DPOptimizer):
         raise ExpungeError("this optimizer is already private: pass the base optimizer")
     parallel = DataParallel.detect(model, distributed)  # (collectives, no change to the model)
-    if parallel is not None and (transforms or reserve):
-        raise ExpungeError("gradient transforms (DiSK, DOPPLER, DiceSGD, coupling) and loss probes (reserve) do not "
-                           "run data parallel yet: train them in one process (distributed=False)")
+    if parallel is not None and reserve:
+        raise ExpungeError("loss probes (reserve) do not run data parallel yet: train them in one process "
+                           "(distributed=False)")
+    if parallel is not None and transforms:
+        alone = [type(t).__name__ for t in transforms if not getattr(t, "data_parallel", False)]
+        if alone:
+            raise ExpungeError(f"the gradient transforms {alone} do not run data parallel yet (DiSK, DOPPLER and "
+                               "DiceSGD do): train them in one process (distributed=False)")
+        if parallel.kind == "fsdp":
+            raise ExpungeError("gradient transforms run data parallel with replicated parameters (DDP), not under "
+                               "FSDP2: DiceSGD needs the whole error's norm, DiSK the whole step; use DDP or one process")
     sample_rate = batch_size / n
     prior = list(prior_phases or [])
     if target_epsilon is not None:

@@ -49,6 +49,9 @@ class Transform:
 
     needs_closure = False  # evaluates the loss itself (optimizer.step(closure))
     needs_unclipped = False  # needs sum_i g_i as well as sum_i clip(g_i)
+    # runs data parallel (expunge.privacy.distributed): its state is a function of the reduced sums and the
+    # parameters alone, so every replica computes the same
+    data_parallel = False
 
     def points(self, engine) -> list[tuple[list[torch.Tensor] | None, float]]:
         """Where to evaluate per-sample gradients and with what weight: (shift per param or None, weight)."""
@@ -74,6 +77,8 @@ class Transform:
 
 
 class DOPPLER(Transform):
+    data_parallel = True
+
     def __init__(self, a=DOPPLER_A, b=DOPPLER_B):
         a, b = [float(x) for x in a], [float(x) for x in b]
         if not a or a[0] == 0 or not b:
@@ -119,6 +124,8 @@ class DOPPLER(Transform):
 
 
 class DiSK(Transform):
+    data_parallel = True
+
     def __init__(self, kappa: float = 0.7, gamma: float = 0.5):
         if not 0 < kappa <= 1:
             raise ExpungeError(f"DiSK kappa must be in (0, 1], got {kappa}")
@@ -163,6 +170,7 @@ class DiSK(Transform):
 
 
 class DiceSGD(Transform):
+    data_parallel = True
     needs_unclipped = True
 
     def __init__(self, C2: float | None = None):

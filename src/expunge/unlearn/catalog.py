@@ -8,12 +8,12 @@ from .fisher import Fisher
 from .fitted import Fitted
 from .lm_run import LMPrivateTraining, LMRetrain, LMRun, PrivateLMRun
 from .lm_unlearn import GradDiffUpdate, LMAscent, NGDiffUpdate, NPOUpdate, SimNPOUpdate
-from .merged import Merge, MergedFitted
+from .merged import LMMerge, Merge, MergedFitted, MergedLMRun
 from .private import PrivateFitted, PrivateTraining
 from .registry import CERTIFIED, EXACT, GRADIENT_RUN, LM_RUN, OWN_RUN, PRIVATE, Method, register
 from .retrain import Retrain
 from .sisa import SISA, SISAFitted
-from .tradeoff import Tradeoff
+from .tradeoff import LMTradeoff, Tradeoff
 
 register(Method("deltagrad", DeltaGrad, Fitted, GRADIENT_RUN, "fast, approximate, from the cached trajectory"))
 register(Method("retrain", Retrain, Fitted, GRADIENT_RUN, "exact", reference=True, keeps=(EXACT,)))
@@ -53,3 +53,11 @@ register(Method("simnpo", SimNPOUpdate, LMRun, LM_RUN,
 register(Method("lm-ascent", LMAscent, LMRun, LM_RUN,
                 "gradient ascent on a language model's forgotten rows (what ascent means on an LM run)" + LM_EVALUATED,
                 alias="ascent", serves=("forget",)))
+register(Method("lm-tradeoff", LMTradeoff, LMRun, LM_RUN,
+                "a chosen point between a language model and its deletion (`expunge tradeoff`; what tradeoff means "
+                "on an LM run); no guarantee by construction, its forget and retain answer probabilities evaluated",
+                alias="tradeoff",
+                serves=("tradeoff",)))
+register(Method("lm-merge", LMMerge, MergedLMRun, OWN_RUN,
+                "a merged language model (`expunge merge`; what merge means on an LM run); no updates: forget in "
+                "the merged runs and merge again", alias="merge", serves=()))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data import IndexedDataset
+from ..data import IndexedDataset, load_dataset, preprocess
 from ..errors import ExpungeError
 from ..models import DTYPES, FlatModel, build_model, weights_hash
 from ..recipe import BatchPlan, TrainRecipe
@@ -84,7 +84,39 @@ class Fitted(TabularRun):
     def model_state(self) -> dict[str, torch.Tensor]:
         return {"w": self.w}
 
-    def state_accuracy(self, data: IndexedDataset):
+    def evaluation_set(self, spec, name: str) -> tuple[IndexedDataset, dict]:
+        """A dataset spec (as `expunge train --data` takes it) read with the run's recorded reading spec and
+        preprocessing; its held-out split is scored when it has one (MNIST folders, .npz with x_test, digits),
+        else all its rows. An IndexedDataset is scored as it is."""
+        if isinstance(spec, IndexedDataset):
+            data, info = spec, {"data": spec.name, "split": "given"}
+        else:
+            if not isinstance(spec, str) or not spec.strip():
+                raise ExpungeError(f"evaluation set {name!r}: give a dataset (digits, a .npz, a table, an MNIST folder)")
+            read = self.manifest["data"].get("read")
+            if read and read.get("test"):
+                read = {**read, "test": None}
+            try:
+                train, test = load_dataset(spec, read_spec=read)
+            except FileNotFoundError as e:
+                raise ExpungeError(f"evaluation set {name!r}: {spec} cannot be read ({e})") from None
+            spec_pre = self.manifest["data"].get("preprocess")
+            if spec_pre:
+                train = preprocess(train, **spec_pre)
+                test = preprocess(test, **spec_pre) if test is not None else None
+            data, split = (test, "test") if test is not None and len(test) else (train, "all rows")
+            info = {"data": spec, "split": split}
+        if len(data) == 0:
+            raise ExpungeError(f"evaluation set {name!r} has no rows")
+        if data.n_features != self.universe.n_features:
+            raise ExpungeError(f"evaluation set {name!r} has {data.n_features} features; the models take "
+                               f"{self.universe.n_features}")
+        if data.y.min() < 0 or data.y.max() >= self.n_classes:
+            raise ExpungeError(f"evaluation set {name!r} has labels outside 0..{self.n_classes - 1}, the models' classes")
+        return data, {**info, "rows": len(data), "fingerprint": data.fingerprint()}
+
+    def state_score(self, data: IndexedDataset):
+        """state -> accuracy on ``data``."""
         X = torch.from_numpy(data.X).to(self.flat.dtype)
         return lambda state: float((self.flat.predict(state["w"], X).numpy() == data.y).mean())
 

@@ -26,11 +26,21 @@ target epsilon); a deletion retrains privately on the remaining rows with the sa
 manifest records the epsilon spent, as for tabular private runs. A public phase (``public=``) trains
 non-privately on public texts first; retraining starts after it (its weights are the initial state) and
 the privacy accounting lists it as a public phase, which adds nothing to epsilon.
+
+Data parallel. ``LMPrivateTraining(nproc=N)`` (``expunge train --task lm --dp --nproc N``) runs the private
+training in N processes of this machine (expunge.privacy.distributed.spawn: gloo on the CPU, the model in
+DistributedDataParallel) and writes the same run directory: the logical batches, the noise and epsilon are one
+process's, the ledger's counts are summed over the ranks, the weights equal one process's to the rounding of the
+sums over the ranks. N is part of the method's config, so a deletion retrains with the same N (and the recorded
+thread count), bit for bit what N processes train from scratch on the remaining rows. The public phase trains in
+this process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import os
 import shutil
@@ -45,15 +55,21 @@ from ..errors import ExpungeError
 from ..lm import (Corpus, LMRecipe, dp_hook, encode, folder_hash, frozen_hash, load_state, load_tokenizer, prepare,
                   save_pretrained, save_state, train_bpe_tokenizer, train_lm)
 from ..lm.determinism import num_threads
+from ..lm.metrics import answer_probability
+from ..lm.scoring import row_nlls
 from ..lm.models import TINY_ARCHITECTURES, parameter_count
 from ..privacy.accounting import Phase, check_delta
+from ..privacy.distributed import spawn
 from ..privacy.engine import check_private_settings
 from .base import UpdateReport
-from .registry import LM, OWN_RUN, find, kind_of, make_updater, resolve
+from .registry import LM, OWN_RUN, find, kind_of, make_updater, resolve, run_class
 from .run import ROWS, Request, RunModel
 
 MODEL, INITIAL, ADAPTERS, BASE_JSON = "model", "initial.safetensors", "adapters.safetensors", "base.json"
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft")
+# config.json entries that say how or by what a model was saved, not what it is
+UNSAVED_CONFIG = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
+SCORE_BATCH = 16  # rows per forward pass when merges are scored
 
 
 def paths(source) -> list[str] | None:
@@ -76,6 +92,15 @@ def quiet_transformers():
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+def tokenizer_hash(folder: Path) -> str:
+    """Content hash of a saved tokenizer: its tokenizer.json (vocabulary, merges, special tokens), else its vocabulary."""
+    file = Path(folder) / "tokenizer.json"
+    if file.is_file():
+        return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    vocab = load_tokenizer(folder).get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
 
 
 def library_versions() -> dict:
@@ -112,26 +137,37 @@ class LMRetrain:
 
 class LMPrivateTraining(LMRetrain):
     """Private training of a language model through the privacy engine (``expunge.lm.dp_hook``); retraining a
-    private run is this training on the remaining rows with the same settings and seed."""
+    private run is this training on the remaining rows with the same settings and seed.
+
+    ``nproc`` > 1 trains data parallel in that many processes of this machine (gloo on the CPU, the model in
+    DistributedDataParallel: ``expunge.privacy.distributed``): the logical batches, the noise and epsilon are one
+    process's with the same seed, and the weights equal one process's to the rounding of the sums over the ranks.
+    Retraining uses the run's own ``nproc`` (its config), so a deletion reproduces the training bit for bit. A
+    script that trains or retrains such a run keeps its top-level code under ``if __name__ == "__main__":`` (the
+    processes start by importing the main module)."""
 
     name = "lm-dp"
     private = True
 
     def __init__(self, epsilon: float | None = None, delta: float = 1e-5, noise_multiplier: float | None = None,
                  max_grad_norm: float = 1.0, clipping: str = "all-layer", clip_fn: str = "abadi",
-                 physical_batch_size: int | None = None, accountant: str = "pld", public_steps: int = 0):
+                 physical_batch_size: int | None = None, accountant: str = "pld", public_steps: int = 0,
+                 nproc: int = 1):
         check_private_settings(epsilon, noise_multiplier, delta, clip_fn, clipping)
         if physical_batch_size is not None and physical_batch_size < 1:
             raise ExpungeError(f"--physical-batch-size must be at least 1, got {physical_batch_size}")
+        if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+            raise ExpungeError(f"--nproc must be a positive number of processes, got {nproc!r}")
         self.epsilon, self.delta, self.noise_multiplier = epsilon, delta, noise_multiplier
         self.max_grad_norm, self.clipping, self.clip_fn = max_grad_norm, clipping, clip_fn
         self.physical_batch_size, self.accountant, self.public_steps = physical_batch_size, accountant, public_steps
+        self.nproc = nproc
 
     def config(self) -> dict:
         return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "max_grad_norm": self.max_grad_norm, "clipping": self.clipping, "clip_fn": self.clip_fn,
                 "physical_batch_size": self.physical_batch_size, "accountant": self.accountant,
-                "public_steps": self.public_steps}
+                "public_steps": self.public_steps, "nproc": self.nproc}
 
     def check(self, recipe: LMRecipe, n_rows: int) -> None:
         if recipe.lr_auto:
@@ -144,12 +180,32 @@ class LMPrivateTraining(LMRetrain):
             raise ExpungeError(f"the expected batch (--batch-size {recipe.batch_size} x --grad-accum "
                                f"{recipe.grad_accum} = {recipe.step_rows} rows) is larger than the data ({n_rows} rows)")
         check_delta(self.delta, n_rows)
+        if self.nproc > 1:
+            if recipe.device is not None and recipe.device != "cpu":
+                raise ExpungeError(f"--nproc trains in processes on the CPU (gloo), not on {recipe.device}: add "
+                                   "--device cpu, or drop --nproc")
+            if self.nproc > recipe.step_rows:
+                raise ExpungeError(f"--nproc {self.nproc} is more processes than the expected batch has rows "
+                                   f"({recipe.step_rows} = --batch-size x --grad-accum): most ranks would draw nothing; "
+                                   f"use at most {recipe.step_rows}")
 
     def train(self, model, data, recipe: LMRecipe, active: np.ndarray, progress: bool = False):
+        if self.nproc == 1:
+            return self._train(model, data, recipe, active, progress)
+        # every rank trains a copy at this process's thread count (CPU sums depend on it); rank 0 sends back
+        # the trained weights, the (whole training's) result and the privacy summary
+        state, result, privacy = spawn(_train_rank, self.nproc, self, model, data, recipe, active,
+                                       torch.get_num_threads(), progress)
+        with torch.no_grad():
+            model.load_state_dict(state)
+        return result, privacy
+
+    def _train(self, model, data, recipe: LMRecipe, active: np.ndarray, progress: bool, distributed: bool = False):
         public = [Phase(0.0, 0.0, self.public_steps, private=False, name="public")] if self.public_steps else None
         hook = dp_hook(target_epsilon=self.epsilon, target_delta=self.delta, noise_multiplier=self.noise_multiplier,
                        max_grad_norm=self.max_grad_norm, physical_batch_size=self.physical_batch_size,
-                       clipping=self.clipping, clip_fn=self.clip_fn, accountant=self.accountant, prior_phases=public)
+                       clipping=self.clipping, clip_fn=self.clip_fn, accountant=self.accountant, prior_phases=public,
+                       distributed=distributed)
         result = train_lm(model, data, recipe, active, private=hook, progress=progress)
         try:
             privacy = result.engine.summary(self.delta)
@@ -157,6 +213,25 @@ class LMPrivateTraining(LMRetrain):
             result.engine.detach()  # the model leaves with no hooks attached
         privacy["target_epsilon"] = self.epsilon
         return result, privacy
+
+
+def _train_rank(rank: int, updater: LMPrivateTraining, model, data, recipe: LMRecipe, active: np.ndarray,
+                threads: int, progress: bool):
+    """One process of ``--nproc`` private LM training (privacy.distributed.spawn)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(threads)
+    model = copy.deepcopy(model)  # spawn hands every rank the same shared-memory tensors: each needs its own
+    # buffers (rotary tables) are constants: no broadcast at each forward, which a rank with an empty draw skips
+    # (forward_sync_buffers is the newer torch's name for it)
+    import inspect
+
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    parallel = DistributedDataParallel(model, **{no_sync: False})
+    result, privacy = updater._train(parallel, data, recipe, active, progress and rank == 0, distributed=True)
+    result.engine = None  # hooks detached; the privacy summary carries what it knew
+    return (model.state_dict(), result, privacy) if rank == 0 else None
 
 
 class LMRun(RunModel):
@@ -173,6 +248,7 @@ class LMRun(RunModel):
         self._model_hash: str | None = None  # of the current version's saved model
         self._model = None  # the current model, loaded when first asked for
         self._groups: list[str] | None = None  # the groups the request in progress named
+        self._scoring = None  # the copy of the model that merges are scored on (state_score)
 
     # ------------------------------------------------------------------ views
 
@@ -242,21 +318,87 @@ class LMRun(RunModel):
                 "threads": self.lm["threads"], "libraries": self.lm["libraries"], "public": self.lm.get("public"),
                 "groups": self.groups()}
 
+    # ------------------------------------------------------------------ merging (see RunModel)
+
+    # TOFU's answer probability: per row exp(-mean NLL of its target tokens) (a QA pair's answer, a document's every
+    # token), averaged over the rows; in (0, 1], higher is better
+    score = "answer probability"
+
+    def architecture(self) -> dict:
+        """The saved model's config (what it is, not how it was saved), the recipe's dtype and the tokenizer's hash:
+        runs with another tokenizer read the same ids as other text, so their weights do not merge."""
+        config = json.loads((self.model_path / "config.json").read_text())
+        return {"kind": "lm", "dtype": self.recipe.dtype, "tokenizer": tokenizer_hash(self.model_path),
+                **{f"config.{k}": v for k, v in sorted(config.items()) if k not in UNSAVED_CONFIG}}
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The current model's state dict (a LoRA run's model has its adapters merged: a full model)."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def evaluation_set(self, spec, name: str) -> tuple[Corpus, dict]:
+        """TOFU QA pairs (JSON, JSON lines) or documents (JSON, .txt, a folder), as `expunge train --task lm --data`
+        reads them; or a Corpus, scored as it is. Tokenized here too, so that rows the model cannot take (a QA
+        pair longer than the run's max_length) are refused before any merge is scored."""
+        from ..lm import load_corpus
+
+        if isinstance(spec, Corpus):
+            corpus, info = spec, {"data": spec.name, "split": "given"}
+        else:
+            if not isinstance(spec, (str, Path)) or not str(spec).strip():
+                raise ExpungeError(f"evaluation set {name!r}: give TOFU QA pairs (.json, .jsonl) or documents (.json, "
+                                   ".txt, a folder of them), as `expunge train --task lm --data` takes them")
+            path = Path(spec)
+            if not path.exists():
+                raise ExpungeError(f"evaluation set {name!r}: {spec} does not exist; give TOFU QA pairs (.json, "
+                                   ".jsonl) or documents (.json, .txt, a folder of them)")
+            corpus = load_corpus(str(path.resolve()), name=name)
+            info = {"data": str(path.resolve()), "split": "all rows"}
+        if len(corpus) == 0:
+            raise ExpungeError(f"evaluation set {name!r} has no rows")
+        self._encoded(corpus, name)
+        return corpus, {**info, "rows": len(corpus), "fingerprint": corpus.fingerprint()}
+
+    def state_score(self, data: Corpus):
+        """state -> answer probability on ``data`` (see ``score``). Every scorer of this run loads the state into
+        one private copy of the model (the run's own model is never changed)."""
+        tokens = self._encoded(data, data.name)
+        if self._scoring is None:
+            self._scoring = copy.deepcopy(self.model).eval()
+        work = self._scoring
+
+        def score(state) -> float:
+            work.load_state_dict(dict(state), strict=True)
+            return answer_probability(row_nlls(work, tokens, SCORE_BATCH))
+
+        return score
+
+    def write_merged(self, state: dict[str, torch.Tensor], out, record: dict, files: dict[str, bytes],
+                     signing_key=None) -> RunModel:
+        return run_class("lm-merge").create(self, state, out, record, files, signing_key)
+
+    def _encoded(self, corpus: Corpus, name: str):
+        try:
+            return encode(corpus, self.tokenizer, self.recipe.max_length, self.lm["truncate_documents"])
+        except ExpungeError as e:
+            raise ExpungeError(f"evaluation set {name!r}: {e}") from None
+
     # ------------------------------------------------------------------ training
 
     @classmethod
     def train(cls, corpus: Corpus, recipe: LMRecipe, updater="lm-retrain", out=None, source=None, *,
               public: Corpus | None = None, public_source=None, public_epochs: int | None = None,
               tiny_config: dict | None = None, truncate_documents: bool = True, progress: bool = False,
-              signing_key=None) -> LMRun:
+              signing_key=None, init: RunModel | None = None) -> LMRun:
         """Train a causal LM on ``corpus`` and write a new run directory at ``out`` (a temporary one if omitted).
 
         ``updater``: ``lm-retrain`` (``retrain``), ``lm-dp`` (``dp``, give an ``LMPrivateTraining`` with its settings)
         or an updater object. ``source``: the corpus's files (a path or a list), read back by fingerprint when the
         run is reopened; without it the corpus is stored in the run. ``public``: a corpus trained on first,
         non-privately, for ``public_epochs`` (default the recipe's), never forgotten (``public_source`` records
-        where it came from). ``tiny_config`` overrides the tiny architecture's config (recorded). Every check runs
-        before anything is written."""
+        where it came from). ``tiny_config`` overrides the tiny architecture's config (recorded). ``init``: a
+        language-model run this one is fine-tuned from; the recipe's model must be its current model folder
+        (``init.model_path``), and the manifest records the run and version ("init", what `expunge merge` checks
+        its models' base by). Every check runs before anything is written."""
         updater = make_updater(resolve(updater, LM) if isinstance(updater, str) else updater)
         found = find(updater.name)
         if found is None or kind_of(found) != LM:
@@ -264,6 +406,14 @@ class LMRun(RunModel):
         if len(corpus) == 0:
             raise ExpungeError("the corpus is empty")
         recipe = recipe.resolved()
+        if init is not None:
+            if init.kind != LM:
+                raise ExpungeError(f"--init {init.path} is a tabular run; a language model is fine-tuned from a "
+                                   "language-model run")
+            if Path(recipe.model).resolve() != init.model_path.resolve():
+                raise ExpungeError(f"fine-tuning from {init.path} starts from its current model: the recipe's model "
+                                   f"must be {init.model_path} (the command line sets it: leave --model out), not "
+                                   f"{recipe.model}")
         updater.check(recipe, len(corpus))
         if public_epochs is not None and (public is None or public_epochs < 1):
             raise ExpungeError("public_epochs needs public data and must be at least 1")
@@ -290,6 +440,8 @@ class LMRun(RunModel):
                                         "n_base": len(corpus), "groups": len(corpus.group_names())},
                                        {"name": updater.name, "config": updater.config()})
         manifest["recipe"] = recipe.to_dict()
+        if init is not None:
+            manifest["init"] = init.init_record()
         manifest["lm"] = {
             "kind": setup.kind, "source": setup.source, "tiny_config": tiny_config,
             "truncate_documents": truncate_documents, "tokenizer": tokenizer_note,
@@ -375,6 +527,8 @@ class LMRun(RunModel):
             save_pretrained(setup.model, setup.tokenizer, stage / MODEL)
         if self.recipe.lora:
             save_state(setup.model, stage / ADAPTERS, trainable_only=True)
+        for name, content in getattr(updater, "evidence", {}).items():  # files the update is judged by (a front)
+            (stage / Path(name).name).write_bytes(content)
         if not (stage / INITIAL).exists():  # never changes: linked from the current version, not copied
             current = self.run.current(self.manifest) / INITIAL
             try:

@@ -58,7 +58,7 @@ class LMUnlearning:
         measured = {"forget_nll_before": float(before[0]), "forget_nll_after": float(after[0]),
                     "retain_nll_before": float(before[1]), "retain_nll_after": float(after[1]),
                     "forget_rows": len(forget), "retain_rows_scored": len(scored)}
-        guarantee = evaluated_guarantee(measured, steps=result.steps,
+        guarantee = evaluated_guarantee(measured, score="nll", steps=result.steps,
                                         note="judge it against exact retraining: expunge evaluate RUN --reference "
                                              "RETRAINED_RUN")
         metrics = {"steps": result.steps, "tokens": result.tokens, "unlearn_seconds": result.seconds,

@@ -11,14 +11,13 @@ the ledger then record; a later private retraining makes the model private again
 
 With `--nproc N` the training runs data parallel in N processes (torch.multiprocessing, gloo, the model in
 DistributedDataParallel; see expunge.privacy.distributed); this process writes the run directory from rank
-0's result. The sampled batches, the noise and epsilon are those of one process with the same seed.
+0's result. The sampled batches, the noise and epsilon are those of one process with the same seed, with or
+without a gradient transform (--dp-transform); retraining after a deletion uses the run's own count.
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from ..data import IndexedDataset
 from ..errors import ExpungeError
 from ..privacy import DOPPLER, DiceSGD, DiSK, make_private
 from ..privacy.accounting import check_delta
+from ..privacy.distributed import spawn
 from ..privacy.engine import check_private_settings
 from ..progress import track
 from ..recipe import TrainRecipe
@@ -60,8 +60,6 @@ class PrivateTraining:
         self.transform = transform
         if not isinstance(nproc, int) or nproc < 1:
             raise ExpungeError(f"--nproc must be a positive number of processes, got {nproc!r}")
-        if nproc > 1 and transform != "none":
-            raise ExpungeError(f"--dp-transform {transform} trains in one process: drop --nproc")
         self.nproc = nproc
 
     def config(self) -> dict:
@@ -93,11 +91,7 @@ class PrivateTraining:
         data = (ws.X.index_select(0, index), ws.y.index_select(0, index))
         if self.nproc == 1:
             return self._train(recipe, module, data, progress)
-        import torch.multiprocessing as mp
-
-        with tempfile.TemporaryDirectory() as folder:
-            mp.spawn(_train_rank, args=(self, recipe, module, data, folder, progress), nprocs=self.nproc, join=True)
-            return torch.load(Path(folder) / "result.pt", weights_only=False)
+        return spawn(_train_rank, self.nproc, self, recipe, module, data, progress)
 
     def _train(self, recipe: TrainRecipe, module: torch.nn.Module, data, progress: bool, model=None):
         """The training loop; `model` is what the forward calls (module itself, or module in DDP)."""
@@ -134,21 +128,13 @@ class PrivateTraining:
                                    preprocess=preprocess, signing_key=signing_key)
 
 
-def _train_rank(rank: int, updater: PrivateTraining, recipe: TrainRecipe, module, data, folder: str,
-                progress: bool) -> None:
-    """One process of `--nproc` training: joins the group, trains its share, rank 0 writes the result."""
-    import torch.distributed as dist
+def _train_rank(rank: int, updater: PrivateTraining, recipe: TrainRecipe, module, data, progress: bool):
+    """One process of `--nproc` training (privacy.distributed.spawn): trains its share in DDP; rank 0's result
+    is the run's."""
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
-                            world_size=updater.nproc)
-    try:
-        module = copy.deepcopy(module)  # spawn hands every rank the same shared-memory tensors: each needs its own
-        result = updater._train(recipe, module, data, progress and rank == 0, DistributedDataParallel(module))
-        if rank == 0:
-            torch.save(result, Path(folder) / "result.pt")
-    finally:
-        dist.destroy_process_group()
+    module = copy.deepcopy(module)  # spawn hands every rank the same shared-memory tensors: each needs its own
+    return updater._train(recipe, module, data, progress and rank == 0, DistributedDataParallel(module))
 
 
 class PrivateFitted(Fitted):

@@ -172,8 +172,10 @@ class RunModel:
 
     # ------------------------------------------------------------------ merging
     # expunge.merge reads runs only through these methods, so that a kind of run becomes mergeable by
-    # implementing them: the zoo runs (fitted.py) do; a Hugging Face LM run needs the same five (its
-    # config as architecture, its state dict, a scorer such as mean token loss, a merged run class).
+    # implementing them: the zoo runs (fitted.py) and the language-model runs (lm_run.py) do.
+
+    # what ``state_score`` measures, in [0, 1], higher is better (the merge searches fit it through a sigmoid)
+    score = "accuracy"
 
     def architecture(self) -> dict:
         """What must be equal for two runs' models to be merged (JSON): model kind, shapes, dtype, classes."""
@@ -185,8 +187,15 @@ class RunModel:
         self.architecture()
         raise NotImplementedError
 
-    def state_accuracy(self, data: IndexedDataset):
-        """A function: a state of this architecture -> its accuracy on ``data``."""
+    def evaluation_set(self, spec, name: str) -> tuple[object, dict]:
+        """An evaluation set named ``name`` as this run's model reads it (``spec``: what `expunge merge --eval`
+        takes for this kind of run, or data of the run's own type) and what to record about it."""
+        self.architecture()
+        raise NotImplementedError
+
+    def state_score(self, data):
+        """A function: a state of this architecture -> its ``score`` on ``data`` (an ``evaluation_set``, or rows
+        of the run's own universe)."""
         self.architecture()
         raise NotImplementedError
 
@@ -204,7 +213,8 @@ class RunModel:
     def check_same_architecture(self, other: RunModel, what: str) -> None:
         mine, theirs = self.architecture(), other.architecture()
         if mine != theirs:
-            diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
+            keys = ["kind"] if mine.get("kind") != theirs.get("kind") else sorted(set(mine) | set(theirs))  # zoo vs lm
+            diff = {k: (theirs.get(k), mine.get(k)) for k in keys if mine.get(k) != theirs.get(k)}
             raise ExpungeError(f"{what} {other.path} has another architecture ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
                                "its model and this one cannot be merged or fine-tuned into each other")
 
