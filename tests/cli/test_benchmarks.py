@@ -81,6 +81,16 @@ def test_bench_device_is_checked_before_anything_runs(tmp_path):
     assert not out.exists()
 
 
+def test_bench_tasks_are_checked_before_anything_runs(tmp_path):
+    out = tmp_path / "out.json"
+    assert_clean_failure(invoke("bench", "deltagrad", "--tasks", "mnist", "--json", out), "no tasks to choose from")
+    assert_clean_failure(invoke("bench", "gen", "--tasks", "cifar", "--data", tmp_path, "--json", out),
+                         "unknown task(s) ['cifar']")
+    assert_clean_failure(invoke("bench", "gen", "--tasks", "tofu-qa", "--data", tmp_path, "--json", out),
+                         "tofu/full.json not found")
+    assert not out.exists()
+
+
 def test_registry_entries_name_importable_benchmarks():
     import importlib
 

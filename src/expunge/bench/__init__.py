@@ -38,7 +38,7 @@ BENCHMARKS = {
     "dp-filters": Benchmark("expunge.bench.dp_filters", "DP optimizers' filters on a noisy quadratic: stability", "~3 min"),
     "dp-optimizers-long": Benchmark("expunge.bench.dp_optimizers_long", "DP optimizers at 40 epochs, own tuned rates: accuracy",
                                     "~4.5 h"),
-    "gen": Benchmark("expunge.bench.gen", "GeN learning rate vs tuned schedules: accuracy, cost", "~30 min"),
+    "gen": Benchmark("expunge.bench.gen", "GeN rate vs tuned schedules: accuracy, loss, cost", "~40 min"),
     "merge": Benchmark("expunge.bench.merge", "MAP model merging vs a dense grid: Pareto fronts", "~6 min"),
     "dp-lm": Benchmark("expunge.bench.dp_lm", "DP step of tied HF causal LMs vs Opacus: speed, memory", "~10 min"),
     "dp-distributed": Benchmark("expunge.bench.dp_distributed", "private DDP/FSDP2, 1 vs 2 processes: tokens/s, memory",

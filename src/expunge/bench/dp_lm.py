@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from . import report
+from .rounds import SPREAD_HEADER, rounds_text, spread_text
 
 MODELS = ("gpt2", "smollm2")
 MODES = ("non-private", "expunge all-layer", "expunge group-wise", "opacus ghost")
@@ -275,12 +276,13 @@ def table(rows: list[dict]):
     threads = rows[0].get("threads") if rows else None
     t = Table(title=f"One training step of a Hugging Face causal LM (tied embeddings) on {where}"
                     + (f", {threads} thread(s)" if threads else "") + ": median step; ratios to non-private")
-    for col in ("model", "layers", "mode", "batch", "seq", "tokens/s", "ms/step", "throughput ratio",
-                "CPU-time ratio", "peak MB", "memory ratio", "note"):
+    for col in ("model", "layers", "mode", "batch", "seq", "tokens/s", "ms/step", "throughput ratio", SPREAD_HEADER,
+                "rounds", "CPU-time ratio", "peak MB", "memory ratio", "note"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r["model"], str(r["layers"]), r["mode"], str(r["batch_size"]), str(r["seq_len"]),
                   f"{r['tokens_per_s']:.0f}", f"{r['step_ms']:.0f}", f"{r['throughput_ratio']:.2f}",
+                  spread_text(r, "throughput_ratio"), rounds_text(r),
                   f"{r.get('cpu_throughput_ratio', math.nan):.2f}", f"{r['peak_mem_mb']:.0f}",
                   f"{r['memory_ratio']:.2f}", r["note"])
     return t

@@ -24,12 +24,13 @@ def benchmark_list() -> str:
 
 
 def rerun_command(name: str, data: Path, out: Path, repeats: int | None, limit: int | None,
-                  methods: str | None = None) -> str:
+                  tasks: str | None = None, methods: str | None = None) -> str:
     """The command that reruns this benchmark as parsed: every option spelled out, and the EXPUNGE_BENCH_*
     environment variables that change it in front."""
     words = ["expunge", "bench", name, "--data", str(data), "--json", str(out)]
     words += ["--repeats", str(repeats)] if repeats is not None else []
     words += ["--limit", str(limit)] if limit is not None else []
+    words += ["--tasks", tasks] if tasks is not None else []
     words += ["--methods", methods] if methods is not None else []
     env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("EXPUNGE_BENCH_")]
     return " ".join(env + [shlex.join(words)])
@@ -50,6 +51,8 @@ def bench(
     repeats: Optional[int] = typer.Option(None, help=REPEATS_HELP),
     limit: Optional[int] = typer.Option(None, help="Train on the first N rows only (a quick smoke run)."),
     device: str = typer.Option("cpu", help="cpu, or cuda for the benchmarks that run on a GPU (dp-lm)."),
+    tasks: Optional[str] = typer.Option(None, help="Benchmarks with several tasks (gen): run only these, comma-separated "
+                                        "(e.g. tofu-qa); the other tasks' rows already in --json are kept."),
     methods: Optional[str] = typer.Option(None, help="Benchmarks that compare methods (llm-unlearning): run only "
                                           "these, comma-separated, e.g. ngdiff,npo (default: all)."),
 ):
@@ -73,12 +76,16 @@ def bench(
         if not torch.cuda.is_available():
             raise ExpungeError("--device cuda: no CUDA device is available to torch here")
         extra["device"] = device
+    if tasks is not None:
+        if "tasks" not in inspect.signature(module.main).parameters:
+            raise ExpungeError(f"benchmark {name} has no tasks to choose from: drop --tasks")
+        extra["tasks"] = tasks
     if methods is not None:
         if "methods" not in inspect.signature(module.main).parameters:
             raise ExpungeError(f"benchmark {name} has no choice of methods: drop --methods")
         extra["methods"] = methods
     out = json_out or Path("benchmarks/results") / f"{name}.json"
-    provenance.mark_start(rerun_command(name, data, out, repeats, limit, methods))
+    provenance.mark_start(rerun_command(name, data, out, repeats, limit, tasks, methods))
     optional = {"repeats": repeats} if repeats is not None else {}
     module.main(data, out, limit=limit, progress=True, console=console, **optional, **extra)
     console.print(f"wrote {out} and {Path(out).with_suffix('.png')}")

@@ -24,8 +24,8 @@ step on that plan step's rows of the probe stream (``plan.probes()``, a second r
 a removed row leaves a hole there too). The transformers schedule is dropped (GeN owns the rate); a linear or
 cosine ``schedule`` becomes GeN's horizon over the plan's steps. GeN steps only on steps that have rows, so its
 rates are a function of the active rows alone and exact retraining after a deletion reproduces them (and the
-weights) bit for bit. The applied rates are in ``TrainResult.rates``. Private training refuses it: the probes
-would read private rows without being accounted.
+weights) bit for bit. The applied rates are in ``TrainResult.rates``, GeN's estimates in ``.estimates``.
+Private training refuses it: the probes would read private rows without being accounted.
 
 Private training. ``private(model, optimizer, data, recipe)`` returns a make_private-style engine (``.optimizer``
 wrapping ours, ``.loader`` yielding Poisson-sampled physical batches); the trainer then follows the engine's
@@ -75,6 +75,7 @@ class TrainResult:
     seconds: float = 0.0
     engine: object | None = None
     rates: list[float] = field(default_factory=list)  # the learning rate of each optimizer step (planned training)
+    estimates: list = field(default_factory=list)  # GeN's estimates (expunge.optim.gen.Estimate) when lr_auto
 
     @property
     def tokens_per_second(self) -> float:
@@ -237,6 +238,8 @@ def _train_planned(model, data, recipe, active, plan, optimizer, progress) -> Tr
                 warnings.simplefilter("ignore", UserWarning)
                 schedule.step()
     optimizer.zero_grad(set_to_none=True)
+    if schedule is None:
+        result.estimates = list(gen.history)
     return result
 
 
