@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N runs N worker processes side by side: one intra-op thread each keeps them from stalling on each
+    # other's threads (see one_thread)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ orders as Opacus, is the cross-check and is never smaller.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -92,7 +93,14 @@ def _quiet_absl():
 def epsilon(phases: list[Phase], delta: float, accountant: str = "pld") -> float:
     """Epsilon at `delta` of the whole history (0 when nothing private happened, inf without noise)."""
     check_delta(delta)
-    event = history_event(phases)
+    return _epsilon(tuple(phases), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(phases: tuple, delta: float, accountant: str) -> float:
+    """epsilon's composition, remembered per process (pure in its arguments; a PLD composition takes up to
+    seconds, and calibration and reports ask for the same histories again)."""
+    event = history_event(list(phases))
     if not event.events:
         return 0.0
     with _quiet_absl():
@@ -112,6 +120,15 @@ def calibrate_noise(sample_rate: float, steps: int, target_epsilon: float, targe
         raise ExpungeError(f"sample rate must be in (0, 1], got {sample_rate}")
     if steps < 1:
         raise ExpungeError(f"steps must be at least 1, got {steps}")
+    return _calibrated(float(sample_rate), int(steps), float(target_epsilon), float(target_delta), accountant,
+                       tuple(prior), float(tol))
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(sample_rate: float, steps: int, target_epsilon: float, target_delta: float, accountant: str,
+                prior: tuple, tol: float) -> float:
+    """calibrate_noise's search, remembered per process: it is a pure function of its arguments and takes seconds
+    (a tuning grid or a test suite calibrates the same run many times)."""
     prior = list(prior)
     already = epsilon(prior, target_delta, accountant) if prior else 0.0
     if already >= target_epsilon:
