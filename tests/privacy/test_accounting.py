@@ -13,7 +13,7 @@ from torch import nn
 
 from expunge.errors import ExpungeError
 from expunge.privacy import Phase, calibrate_noise, epsilon, make_private
-from expunge.privacy.accounting import RDP_ORDERS
+from expunge.privacy.accounting import RDP_ORDERS, make_accountant
 
 DELTA = 1e-4  # below 1/n for the 100-row engines below, so calibrations can be shared
 
@@ -65,6 +65,22 @@ def test_calibration_refuses_a_target_the_prior_phases_already_spent():
     prior = [Phase(1.5, 0.1, 30)]
     with pytest.raises(ExpungeError, match="already spent"):
         calibrate_noise(0.05, 40, epsilon(prior, DELTA, "rdp") * 0.9, DELTA, "rdp", prior=prior)
+
+
+def test_remembered_calibrations_and_epsilons_depend_on_every_argument():
+    # calibrate_noise and epsilon remember their answers per process: a prior phase, another delta or accountant
+    # must each give their own answer, equal to dp-accounting's
+    prior = [Phase(2.0, 0.1, 20)]
+    alone, after = calibrate_noise(0.1, 30, 3.0, DELTA, "rdp"), calibrate_noise(0.1, 30, 3.0, DELTA, "rdp", prior=prior)
+    assert after > alone and calibrate_noise(0.1, 30, 3.0, DELTA, "rdp", prior=tuple(prior)) == after
+    phases = prior + [Phase(alone, 0.1, 30)]
+    for kind in ("pld", "rdp"):
+        event = dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(step_event(p.sample_rate,
+                                               p.noise_multiplier), p.steps) for p in phases])
+        for delta in (DELTA, 1e-6):
+            expected = make_accountant(kind).compose(event).get_epsilon(delta)
+            assert epsilon(phases, delta, kind) == pytest.approx(expected, rel=1e-12)
+    assert epsilon(phases, DELTA, "pld") != epsilon(phases, 1e-6, "pld") != epsilon(phases, 1e-6, "rdp")
 
 
 @pytest.mark.parametrize("kwargs,message", [
