@@ -118,6 +118,27 @@ def test_ngdiff_measures_its_rate_on_fresh_retain_rows_by_default(trained):
         NGDiff(rate_probe="same")
 
 
+def test_ngdiff_estimates_its_rate_every_rate_every_steps_and_keeps_it_in_between(trained):
+    forget, retain = split(trained.data)
+    calls = []
+
+    def rule(update, loss_along, lr):  # halves the rate at each estimate
+        calls.append(lr)
+        return lr / 2
+
+    settings = dict(lr=1e-3, epochs=3, max_steps=7, batch_size=1, seed=0, rate=rule)
+    lazy = NGDiff(rate_every=3, **settings).update(copy.deepcopy(trained.model), forget, retain)
+    assert lazy.steps == 7 and len(calls) == 3  # steps 0, 3 and 6
+    assert lazy.rates == [5e-4] * 3 + [2.5e-4] * 3 + [1.25e-4]
+    calls.clear()
+    eager = NGDiff(rate_every=1, **settings).update(copy.deepcopy(trained.model), forget, retain)
+    assert len(calls) == 7 and eager.rates == [1e-3 / 2 ** (k + 1) for k in range(7)]
+    assert NGDiff().rate_every == 4  # GeN's default laziness
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ExpungeError, match="rate_every"):
+            NGDiff(rate_every=bad)
+
+
 def test_npo_takes_its_reference_from_the_model_before_the_request(trained):
     forget, retain = split(trained.data)
     model = copy.deepcopy(trained.model).eval()

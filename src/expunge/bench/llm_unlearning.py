@@ -140,7 +140,7 @@ FULL = Settings(
     # NGDiff's GeN rate moves at most x1.1 a step, so its grid adds a start below 2e-4 (at 1e-3 every method's
     # utility fell to 0 in the reduced run: that rate is kept for the baselines' grids only)
     lrs={**{m: (1e-3, 2e-4) for m in METHOD_ORDER}, "ngdiff": (2e-4, 1e-4)},
-    method_options={"ngdiff": dict(rate="gen", rate_probe="fresh")},
+    method_options={"ngdiff": dict(rate="gen", rate_probe="fresh", rate_every=4)},
     retain_eval=5, max_new_tokens=32, short_new_tokens=12, world_knowledge=True, world_eval=5,
     muse=dict(docs=4, doc_tokens=64, prompt_tokens=32, finetune=dict(epochs=5, lr=5e-4, batch_size=8, seed=0),
               unlearn=dict(epochs=2, batch_size=2, seed=0), lr=1e-3),
@@ -305,6 +305,7 @@ def _tofu_row(method, lr, figures, seconds, retrain_seconds, result, unlearner=N
     if unlearner is not None and "rate" in unlearner.config():
         row["rate_rule"] = unlearner.config()["rate"]
         row["rate_probe"] = unlearner.config().get("rate_probe")
+        row["rate_every"] = unlearner.config().get("rate_every")
     return row
 
 
