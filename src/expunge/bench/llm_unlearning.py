@@ -16,14 +16,10 @@ Threads. One intra-op thread unless ``EXPUNGE_BENCH_THREADS`` says otherwise: on
 other jobs, two OpenMP threads stall on each other's load (a greedy decoding step of SmolLM2 took 8x longer with
 two threads than with one at load 9); on an idle machine ``EXPUNGE_BENCH_THREADS=2`` is faster.
 
-Size. The shared 2-core machine ran the benchmark while another long job and several helpers' test runs held
-it (load 12-18: one intra-op thread here got 15-30% of a core), so the committed run is cut to what fitted in
-about 80 minutes: the forget set is the first forget01 author (author 198, 20 QA pairs) rather than both; one
-retained author; 10 update steps; 5 retain and 5 + 5 real-author / world-fact questions in the evaluation;
-32-token answers. Rows are written as they come (``OUT.partial.json`` beside ``--json OUT.json``); every method runs at its first rate
+Size. The issue's: all of forget01 (authors 198-199, 40 QA pairs) and 15 retained authors (300 pairs), 20 update
+steps; 5 retain and 5 + 5 real-author / world-fact questions in the evaluation; 32-token answers: 84 minutes on
+one thread of the shared 2-core machine (benchmarks/results/llm-unlearning.json, README). Rows are written as they come (``OUT.partial.json`` beside ``--json OUT.json``); every method runs at its first rate
 before any runs at its second, and MUSE-News comes last, so a run stopped early still has every method once.
-With more time, raise ``forget_questions`` to 40 (all of forget01), ``retain_authors``, ``retain_eval`` and
-``world_eval`` in FULL.
 
 TOFU case. Target = the model fine-tuned (train_lm: AdamW, 4 epochs, lr 5e-4, batches of 8, seed 0) on the
 forget author's 20 QA pairs plus the first retained author's (author 0, 20 pairs, whose questions
