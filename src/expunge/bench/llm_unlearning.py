@@ -18,26 +18,26 @@ two threads than with one at load 9); on an idle machine ``EXPUNGE_BENCH_THREADS
 
 Size. The issue's: all of forget01 (authors 198-199, 40 QA pairs) and 15 retained authors (300 pairs), 20 update
 steps; 5 retain and 5 + 5 real-author / world-fact questions in the evaluation; 32-token answers: 84 minutes on
-one thread of the shared 2-core machine (benchmarks/results/llm-unlearning.json, README). Rows are written as they come (``OUT.partial.json`` beside ``--json OUT.json``); every method runs at its first rate
-before any runs at its second, and MUSE-News comes last, so a run stopped early still has every method once.
+one thread of the shared 2-core machine (benchmarks/results/llm-unlearning.json, README). Rows are written as
+they come (``OUT.partial.json`` beside ``--json OUT.json``); every method runs at its first rate before any runs
+at its second, and MUSE-News comes last, so a run stopped early still has every method once.
 
 TOFU case. Target = the model fine-tuned (train_lm: AdamW, 4 epochs, lr 5e-4, batches of 8, seed 0) on the
-forget author's 20 QA pairs plus the first retained author's (author 0, 20 pairs, whose questions
-retain_perturbed.json holds). Reference = exact retraining: train_lm from the same initial adapters on the same
+forget01 authors' 40 QA pairs plus the first 15 retained authors' 300 pairs (authors 0-14; retain_perturbed.json
+holds questions of author 0). Reference = exact retraining: train_lm from the same initial adapters on the same
 plan with the forget rows inactive (what ``expunge forget --method retrain`` does). Each method (ascent,
-graddiff, npo, simnpo, ngdiff) starts from a copy of the target and runs 1 epoch over the 20 forget rows in
-batches of 2 forget + 2 retain rows (10 steps), AdamW on the adapters, at 1e-3 and 2e-4; NGDiff starts its GeN
-rate (unlearning.py, at most x1.1 a step) at 2e-4, 1e-4 and 1e-3 and runs first, at all three
-(``method_options`` names its rate rule and probe; ``--methods`` runs only some methods, beside target and
-retrain). Evaluation (tofu.py) of every model: the 20 forget questions
+graddiff, npo, simnpo, ngdiff) starts from a copy of the target and runs 1 epoch over the 40 forget rows in
+batches of 2 forget + 2 retain rows (20 steps), AdamW on the adapters, at 1e-3 and 2e-4; NGDiff starts its GeN
+rate (unlearning.py, estimated every 4 steps, at most x1.1 an estimate) at 2e-4 and 1e-4 and runs first
+(``method_options`` names its rate rule, probe and laziness; ``--methods`` runs only some methods, beside target
+and retrain). Evaluation (tofu.py) of every model: the forget questions
 (never cut further: their truth ratios make the KS test), 5 retain_perturbed questions of the trained author,
 the first 5 real-author and 5 world-fact questions (so the utility's retain and world parts are coarse: one
 question is a fifth of a split); greedy answers of at most 32 tokens (12 on real authors and world facts:
 ROUGE-L recall of a longer TOFU answer is capped by the cut, the same for every model); forget quality against
-the retrained model's truth ratios. Speed-up: the retraining compared against is small here (20 retained rows
-x 4 epochs), while an update's cost does not grow with the retain set (it sees the forget rows and as many
-sampled retain rows); at TOFU's scale (3,960 retained rows, 5 epochs) retraining costs ~250x more and an update
-the same. Rows: ``method`` (target, retrain, then each method), ``lr``, ``forget_quality``,
+the retrained model's truth ratios. Speed-up: retraining covers 300 rows x 4 epochs, an update 20 steps
+of 2 + 2 rows (its cost does not grow with the retain set); at TOFU's scale (3,960 retained rows, 5 epochs)
+retraining costs ~16x more again and an update the same. Rows: ``method`` (target, retrain, then each method), ``lr``, ``forget_quality``,
 ``model_utility``, ``forget_truth_ratio``, ``seconds`` (the fine-tune for target and retrain, the update for a
 method), ``retrain_seconds``, ``speedup`` (retrain_seconds / seconds), and the figures under them
 (probabilities, ROUGE, truth ratios per split, ``param_dist_to_retrain``, ``eval_seconds``, steps, rates).
@@ -59,20 +59,12 @@ Plan (SmolLM2 measured on this machine at ~50 / ~90 tokens per second training f
 with both cores idle; one thread is taken as ~0.6 of that): fine-tuning the target 40 rows x 63 tokens x 4
 epochs and the reference half that (15k tokens); 10 updates of 10 steps x 4 rows (25k tokens); 12 TOFU
 evaluations of ~12k forward tokens and ~35 greedy answers each; the MUSE case; loading: ~20 CPU-minutes of one
-idle thread. The run prints its own estimate first. Results (benchmarks/results/llm-unlearning.json, commit ecaf455, 42 min: NGDiff's GeN rate measured on the
-step's own retain rows). Target FQ 0.034 / MU 0.347, retrain 1 / 0.295. At 1e-3 every method's utility is 0 (a
-zero ROUGE on 5 real-author or world-fact questions zeroes the harmonic mean); at 2e-4 GradDiff (FQ 0.175, MU
-0.336 = 97% of the target's) and NPO (0.175, 0.314 = 90%) meet the issue's bar, SimNPO keeps the utility
-(0.345) without moving FQ. NGDiff meets it at 1e-4 (0.175, 0.325 = 94%), dominated by GradDiff 2e-4; at 2e-4
-it reaches FQ 0.571 with MU 0 (its real-author ROUGE fell from 0.6 to 0), at 1e-3 0.336 / 0. Its rate grew by
-GeN's cap, x1.1, at every step from 2e-4 and 1e-4: on the rows the step descends, the retain loss always looked
-best farther out; hence ``rate_probe="fresh"`` (benchmarks/results/llm-unlearning-ngdiff.json, ``--methods
-ngdiff``, commit 660846b: FQ 0.081 / MU 0.368 at 2e-4, on the Pareto front; 0.081 / 0.351 at 1e-4; 0.081 / 0 at
-1e-3; the rate now kept, lowered or raised, x0.91 to x1.6 over the 10 steps). The
-rule it replaced (unsmoothed quadratic fit, x2 a step) took 2e-4 to 1.2e-2 in the run of commit 3f28ee4 (FQ
-0.034, MU 0). Pareto front of (FQ, MU): NPO 1e-3, GradDiff 2e-4, SimNPO 2e-4. Speed-up over this small
-retraining (79 s): 1.2x-5x. With 20 forget questions the KS p-values come in steps (0.034, 0.081, 0.175, 0.336,
-0.571, 0.983), and MU's world part rests on 5 + 5 questions: read the figures as coarse.
+idle thread. The run prints its own estimate first. Results (README, with the tables): benchmarks/results/llm-unlearning.json (commit 65f9e2a,
+84 min, NGDiff estimating its rate at every step): target FQ 0.0068 / MU 0.292, retrained 1 / 0.327 in 822 s;
+NGDiff 2e-4 FQ 0.919 / MU 0.311 (the Pareto front with SimNPO 2e-4) at 8.6x, the baselines 11x-31x (NPO 2e-4's
+7.5x overlapped another job); benchmarks/results/llm-unlearning-ngdiff.json (``--methods ngdiff,npo``, commit
+02c44b6, the rate every 4 steps): NGDiff 2e-4 0.919 / 0.310 at 12.8x, NPO 12.1-12.3x. With 40 forget questions
+the KS p-values still come in steps, and MU's parts rest on 5 questions each: read the figures as coarse.
 Published anchors (Llama-3.2-1B, forget10, open-unlearning's untuned settings):
 GradAscent FQ ~1e-239 / MU 0, GradDiff 1e-239 / 0.49, NPO 0.02 / 0.46, retrained 1.0 / 0.59; none exist at the
 135M scale.

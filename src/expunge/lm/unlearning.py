@@ -62,7 +62,7 @@ from .determinism import deterministic, seeded, step_seed
 from .lora import apply_lora, is_lora
 from .objectives import (Objective, ascent_loss, graddiff_loss, ngdiff_direction, npo_loss, sequence_logprobs,
                          simnpo_loss)
-from .rates import RateRule, rate_rule
+from .rates import RateRule, fixed_rate, rate_rule
 from .train import row_losses, trainable_parameters
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -383,12 +383,15 @@ class NGDiff(LMUnlearner):
             raise ExpungeError(f"rate_every must be a whole number of steps >= 1, got {self.rate_every!r}")
         self._rule = rate_rule(self.rate)
 
+    def _rule_reads_loss(self) -> bool:
+        return getattr(self._rule, "evaluates_loss", True)
+
     def probe_size(self) -> int:
-        fresh = self.rate_probe == "fresh" and getattr(self._rule, "evaluates_loss", True)
+        fresh = self.rate_probe == "fresh" and self._rule_reads_loss()
         return (self.retain_batch_size or self.batch_size) if fresh else 0
 
     def estimates_rate(self, step: int) -> bool:
-        return getattr(self._rule, "evaluates_loss", True) and step % self.rate_every == 0
+        return self._rule_reads_loss() and step % self.rate_every == 0
 
     def step(self, model, optimizer, params, forget, retain, forget_rows, probe=None, estimate=True):
         retain_nll = row_losses(model, retain).mean()
@@ -401,12 +404,9 @@ class NGDiff(LMUnlearner):
             p.grad = d
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if estimate:
-            measure = retain if probe is None else probe
-            rate = staged_step(model, optimizer, params, self._rule, lambda: float(row_losses(model, measure).mean()))
-        else:  # between estimates: the optimizer's step at the rate last set
-            optimizer.step()
-            rate = optimizer.param_groups[0]["lr"]
+        measure = retain if probe is None else probe
+        rule = self._rule if estimate else fixed_rate  # between estimates: the step at the rate last set
+        rate = staged_step(model, optimizer, params, rule, lambda: float(row_losses(model, measure).mean()))
         measured = Objective(retain_nll.detach() - forget_nll.detach(), float(forget_nll.detach()),
                              float(retain_nll.detach()))
         return measured, rate
