@@ -71,9 +71,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExpungeError
-from . import dp_mnist, dp_optimizers, report
+from . import dp_mnist, dp_optimizers, dp_tiny_lm, report
 
 EPSILONS = (1.0, 3.0, 8.0)
+LM_TASK = "tofu-lm"
 SEEDS_AT = {1.0: (0, 1, 2)}  # other epsilons: seed 0 only
 TUNE_EPSILON = 1.0
 TUNE_EPOCHS = 10
@@ -115,12 +116,20 @@ def transforms_for(name: str) -> list:
 @dataclass(frozen=True)
 class Task:
     """A dataset and how a method trains and is scored on it. `load(spec, limit)` returns (train, test);
-    `train(train, test, epsilon, recipe, seed, transforms, epochs_run)` returns a row holding `metric`."""
+    `train(train, test, epsilon, recipe, seed, transforms, epochs_run)` returns a row holding `metric`. `recipe`:
+    what every method shares (each sets its optimizer, momentum and rate); `grids`: starting rates per method
+    (None: METHODS' grids); `methods`: those this task runs (None: all); `tune_epochs`: epochs of a tuning run
+    (None: TUNE_EPOCHS); `validation`: training rows kept back for tuning."""
     source: str  # path (or name) handed to `load`
     load: Callable
     train: Callable
     metric: str = "test_acc"
     higher_is_better: bool = True
+    recipe: dp_mnist.Recipe = RECIPE
+    grids: dict | None = None
+    methods: tuple | None = None
+    tune_epochs: int | None = None
+    validation: int = VALIDATION
 
 
 def load_mnist(spec, limit):
@@ -132,12 +141,29 @@ def load_fashion(spec, limit):  # Fashion-MNIST's public pixel statistics
 
 
 def tasks(data_dir) -> dict[str, Task]:
-    """The datasets found: MNIST from the shared data folder, Fashion-MNIST from its Debian package."""
+    """The datasets found: MNIST from the shared data folder, Fashion-MNIST from its Debian package, TOFU (the
+    tiny language model, `dp_tiny_lm`) from the shared data folder."""
     found = dp_optimizers.sources(data_dir)  # raises when MNIST is missing
     out = {"mnist": Task(found["mnist"], load_mnist, dp_mnist.run_epsilon)}
     if "fashion-mnist" in found:
         out["fashion-mnist"] = Task(found["fashion-mnist"], load_fashion, dp_mnist.run_epsilon)
+    tofu = dp_tiny_lm.source(data_dir)
+    if tofu is not None:
+        out[LM_TASK] = Task(str(tofu), dp_tiny_lm.load, dp_tiny_lm.train, metric="perplexity", higher_is_better=False,
+                            recipe=dp_tiny_lm.RECIPE, grids=dp_tiny_lm.GRIDS, methods=dp_tiny_lm.METHODS,
+                            tune_epochs=dp_tiny_lm.RECIPE.epochs, validation=dp_tiny_lm.VALIDATION)
     return out
+
+
+def _split(data, cut: int):
+    """(first `cut` rows, the rest) of a dataset: an (inputs, labels) pair of arrays, or rows with `take`."""
+    if isinstance(data, tuple):
+        return (data[0][:cut], data[1][:cut]), (data[0][cut:], data[1][cut:])
+    return data.take(np.arange(cut)), data.take(np.arange(cut, len(data)))
+
+
+def _rows(data) -> int:
+    return len(data[1]) if isinstance(data, tuple) else len(data)
 
 
 _DATA: dict = {}  # per worker process: dataset -> (task, train, test)
@@ -153,9 +179,9 @@ def _load(found: dict, limit: int | None) -> None:
         _DATA[name] = (task, *task.load(task.source, limit))
 
 
-def recipe_for(job: dict, n: int) -> dp_mnist.Recipe:
+def recipe_for(job: dict, n: int, base: dp_mnist.Recipe = RECIPE) -> dp_mnist.Recipe:
     method = METHODS[job["method"]]
-    recipe = dp_mnist.smoke_recipe(RECIPE, n) if job.get("limit") else RECIPE
+    recipe = dp_mnist.smoke_recipe(base, n) if job.get("limit") else base
     return replace(recipe, lr=job["lr"], momentum=method.momentum, optimizer=method.optimizer)
 
 
@@ -163,9 +189,8 @@ def train_one(job: dict) -> dict:
     """One training (in a worker process): tuning runs score the validation rows, final runs the test set."""
     task, train, test = _DATA[job["dataset"]]
     if job.get("validation"):
-        cut = len(train[1]) - job["validation"]
-        train, test = (train[0][:cut], train[1][:cut]), (train[0][cut:], train[1][cut:])
-    recipe = recipe_for(job, len(train[1]))
+        train, test = _split(train, _rows(train) - job["validation"])
+    recipe = recipe_for(job, _rows(train), task.recipe)
     start = time.perf_counter()
     row = task.train(train, test, job["epsilon"], recipe, seed=job["seed"], transforms=transforms_for(job["method"]),
                      epochs_run=job.get("epochs_run"))
@@ -197,13 +222,15 @@ def run(data_dir, limit: int | None = None, progress: bool = True, console=None,
         raise ExpungeError(f"unknown methods {unknown}; available: {', '.join(METHODS)}")
     seeds_at = SEEDS_AT if seeds_at is None else seeds_at
     smoke = {"limit": limit} if limit else {}
-    validation = max(50, limit // 10) if limit else VALIDATION
-    tune_epochs = 1 if limit else TUNE_EPOCHS
     rows = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_load, initargs=(found, limit)) as pool:
         for name, task in found.items():
-            def evaluate(pairs, name=name, task=task):
+            validation = min(task.validation, max(50, limit // 10)) if limit else task.validation
+            tune_epochs = 1 if limit else task.tune_epochs or TUNE_EPOCHS
+            names = [m for m in methods if task.methods is None or m in task.methods]
+
+            def evaluate(pairs, name=name, task=task, validation=validation, tune_epochs=tune_epochs):
                 jobs = [{"dataset": name, "method": m, "lr": lr, "epsilon": TUNE_EPSILON, "seed": 0,
                          "validation": validation, "epochs_run": tune_epochs, **smoke} for m, lr in pairs]
                 done = list(track(pool.map(train_one, jobs), len(jobs), f"{name}: tuning learning rates", progress))
@@ -211,15 +238,16 @@ def run(data_dir, limit: int | None = None, progress: bool = True, console=None,
                     r["higher_is_better"] = task.higher_is_better
                 return done
 
-            grids = {m: METHODS[m].grid[1:3] if limit else METHODS[m].grid for m in methods}
+            starts = {m: (task.grids or {}).get(m, METHODS[m].grid) for m in names}
+            grids = {m: grid[1:3] if limit else grid for m, grid in starts.items()}
             best, tried = dp_optimizers.tune(evaluate, grids, score=_score, extensions=1 if limit else None)
             if console is not None:
                 console.print(f"{name}: learning rates (best {task.metric} on the validation rows, epsilon "
                               f"{TUNE_EPSILON:g}, {tune_epochs} epochs): " + ", ".join(f"{m} {lr:g}" for m, lr in best.items()),
                               highlight=False)
             jobs = [{"dataset": name, "method": m, "lr": best[m], "epsilon": eps, "seed": seed, **smoke}
-                    for eps in epsilons for seed in (seeds_at.get(eps, (0,)) if not limit else (0,)) for m in methods]
-            final = list(track(pool.map(train_one, jobs), len(jobs), f"{name}: DP optimizers, 40 epochs", progress))
+                    for eps in epsilons for seed in (seeds_at.get(eps, (0,)) if not limit else (0,)) for m in names]
+            final = list(track(pool.map(train_one, jobs), len(jobs), f"{name}: DP optimizers, full runs", progress))
             for r in final:
                 r["higher_is_better"] = task.higher_is_better
             rows += final + tried
@@ -233,31 +261,36 @@ def summary(rows: list[dict]) -> list[dict]:
     return [dict(s, metric=metric[s["dataset"]]) for s in dp_optimizers.summary(final, ORDER)]
 
 
+def _unit(metric: str) -> tuple[float, str]:
+    """How a metric is shown: accuracy in %, perplexity as it is."""
+    return (100.0, "test accuracy (%)") if metric == "test_acc" else (1.0, "held-out perplexity (lower is better)")
+
+
 def table(rows: list[dict]):
     from rich.table import Table
 
     final = [r for r in rows if not r.get("tuning")]
-    epochs = sorted({r["epochs"] for r in final})
-    t = Table(title=f"DP optimizers, {'/'.join(map(str, epochs))} epochs (dp-mnist recipe): final test accuracy (%), "
-                    f"mean +- std over seeds (count); delta {dp_mnist.DELTA:g}; lr tuned per method at epsilon "
-                    f"{TUNE_EPSILON:g} on a validation split")
+    t = Table(title=f"DP optimizers at full length: mean +- std over seeds (count) of each dataset's metric; delta "
+                    f"{dp_mnist.DELTA:g}; lr tuned per method at epsilon {TUNE_EPSILON:g} on a validation split")
     epsilons = sorted({r["epsilon"] for r in final})
-    for col in ("dataset", "method", "lr", *[f"eps {e:g}" for e in epsilons], "seconds"):
-        t.add_column(col, justify="right" if col not in ("dataset", "method") else "left")
+    for col in ("dataset", "metric", "epochs", "method", "lr", *[f"eps {e:g}" for e in epsilons], "seconds"):
+        t.add_column(col, justify="left" if col in ("dataset", "metric", "method") else "right")
     stats = summary(rows)
     for dataset in sorted({r["dataset"] for r in final}):
+        metric = next(r.get("metric", "test_acc") for r in final if r["dataset"] == dataset)
+        scale, label = _unit(metric)
+        epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in final if r["dataset"] == dataset}))
         for method in [m for m in ORDER if any(r["method"] == m and r["dataset"] == dataset for r in final)]:
             cells = []
             for eps in epsilons:
                 s = next((s for s in stats if (s["dataset"], s["method"], s["epsilon"]) == (dataset, method, eps)), None)
-                scale = 100 if s is not None and s["metric"] == "test_acc" else 1  # accuracy in %
                 cells.append("-" if s is None else
                              f"{scale * s['mean']:.2f} +- {scale * s['std']:.2f} ({s['seeds']})")
             lr = next(r["lr"] for r in final if r["method"] == method and r["dataset"] == dataset)
             tried = [r["lr"] for r in rows if r.get("tuning") and r["method"] == method and r["dataset"] == dataset]
             edge = "*" if tried and lr in (min(tried), max(tried)) else ""
             secs = np.mean([r["seconds"] for r in final if r["method"] == method and r["dataset"] == dataset])
-            t.add_row(dataset, method, f"{lr:g}{edge}", *cells, f"{secs:.0f}")
+            t.add_row(dataset, label.split(" (")[0], epochs, method, f"{lr:g}{edge}", *cells, f"{secs:.0f}")
     tuning = [r for r in rows if r.get("tuning")]
     if tuning:
         t.caption = (f"{len(tuning)} tuning runs (validation rows, first epochs of the full run) in the JSON; "
@@ -266,9 +299,43 @@ def table(rows: list[dict]):
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    final = [dict(r, test_acc=r[r.get("metric", "test_acc")]) for r in rows if not r.get("tuning")]
-    epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in final}))
-    dp_optimizers.plot(final, path, ORDER, title=f", {epochs} epochs, lr tuned per method")
+    """One panel per dataset: its metric against epsilon per method (mean, std bars); accuracy panels zoom on plain
+    DP-SGD and name the methods far below it in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = summary(rows)
+    names = sorted({s["dataset"] for s in stats})
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], names):
+        mine = [s for s in stats if s["dataset"] == dataset]
+        scale, label = _unit(mine[0]["metric"])
+        base = [scale * s["mean"] for s in mine if s["method"] == "dp-sgd-plain"]
+        floor = min(base) - 6 if base and scale == 100 else None
+        for method in ORDER:
+            pts = [s for s in mine if s["method"] == method]
+            if not pts:
+                continue
+            means = [scale * s["mean"] for s in pts]
+            name = method if floor is None or min(means) >= floor else f"{method} (off scale: {min(means):.0f}-{max(means):.0f}%)"
+            ax.errorbar([s["epsilon"] for s in pts], means, yerr=[scale * s["std"] for s in pts], marker="o",
+                        capsize=3, label=name)
+        if floor is not None:
+            ax.set_ylim(floor, max(scale * s["mean"] for s in mine) + 1.5)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({s["epsilon"] for s in mine})
+        ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
+        ax.set_xlabel("epsilon (delta 1e-5)")
+        ax.set_ylabel(label)
+        epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in rows if r["dataset"] == dataset and not r.get("tuning")}))
+        ax.set_title(f"{dataset}, {epochs} epochs, lr tuned per method")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None,
