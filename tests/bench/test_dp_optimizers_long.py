@@ -2,12 +2,22 @@
 reports a row per (dataset, method, epsilon, seed). Its accuracy at the real 40-epoch recipe is measured by
 `expunge bench dp-optimizers-long`, not here: this is a 600-row smoke run."""
 
+import pytest
+
 from expunge.bench import dp_optimizers_long as bench
 from expunge.bench import read_results
+from expunge.errors import ExpungeError
 
 from .shared_data import DATA, needs
 
-pytestmark = needs("mnist/mnist.npz")
+
+def test_tasks_and_methods_are_checked_by_name():
+    assert bench._names(None, bench.TASKS, "task(s)") is None
+    assert bench._names("tofu-lm, mnist", bench.TASKS, "task(s)") == ("mnist", "tofu-lm")  # in the benchmark's order
+    with pytest.raises(ExpungeError, match=r"unknown task\(s\) \['cifar'\].*mnist, fashion-mnist, tofu-lm"):
+        bench._names("mnist,cifar", bench.TASKS, "task(s)")
+    with pytest.raises(ExpungeError, match="unknown method"):
+        bench.main(DATA, "unused.json", methods="sgd")
 
 
 def test_smoke_run_tunes_and_reports_every_method(tmp_path):
@@ -28,3 +38,7 @@ def test_smoke_run_tunes_and_reports_every_method(tmp_path):
         assert r["epsilon_pld"] <= 8.0 + 1e-9 and r["rows"] == 600
     for r in tuning:
         assert r["rows"] == 600 - r["validation_rows"] and r["epochs_run"] == 1
+
+
+for _mark in needs("mnist/mnist.npz"):  # the smoke run reads real MNIST; the name checks above need no data
+    test_smoke_run_tunes_and_reports_every_method = _mark(test_smoke_run_tunes_and_reports_every_method)

@@ -70,3 +70,22 @@ def test_the_benchmark_tunes_and_reports_the_task(tmp_path):
         assert r["lr"] == min(tuning, key=lambda t: t["perplexity"])["lr"]  # lower is better
         assert all(t["rows"] == 120 - t["validation_rows"] for t in tuning)
     assert np.isfinite([r["perplexity"] for r in final]).all()
+
+
+def test_a_run_of_one_task_keeps_the_other_tasks_rows(tmp_path):
+    from rich.console import Console
+
+    from expunge.bench import report
+
+    out = tmp_path / "dp-optimizers-long.json"
+    earlier = [{"dataset": "mnist", "method": "disk", "epsilon": 1.0, "seed": 0, "lr": 8.0, "test_acc": 0.95,
+                "metric": "test_acc", "epochs": 40, "seconds": 400.0}]  # stands for an earlier MNIST run's row
+    report(earlier, out, dp_optimizers_long.table, dp_optimizers_long.plot, Console(file=None, quiet=True))
+    rows = dp_optimizers_long.main(DATA, out, limit=120, progress=False, epsilons=(8.0,), tasks="tofu-lm",
+                                   methods="dp-adam", workers=1)
+    written, provenance = read_results(out)
+    assert written == rows and rows[0] == earlier[0]
+    assert {r["dataset"] for r in rows} == {"mnist", "tofu-lm"}
+    assert provenance["settings"]["kept_rows"]["datasets"] == ["mnist"]
+    with pytest.raises(Exception, match="unknown task"):
+        dp_optimizers_long.main(DATA, out, tasks="tofu-qa")

@@ -71,7 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExpungeError
-from . import dp_mnist, dp_optimizers, dp_tiny_lm, report
+from . import dp_mnist, dp_optimizers, dp_tiny_lm, read_results, report
 
 EPSILONS = (1.0, 3.0, 8.0)
 LM_TASK = "tofu-lm"
@@ -216,6 +216,10 @@ def run(data_dir, limit: int | None = None, progress: bool = True, console=None,
     if console is not None and "fashion-mnist" not in found:
         console.print(f"Fashion-MNIST not found at {dp_optimizers.FASHION} (apt-get install dataset-fashion-mnist); "
                       "skipped")
+    missing = sorted(set(datasets or ()) - set(found))
+    if missing:
+        raise ExpungeError(f"{', '.join(missing)} not found under {data_dir} (TOFU: tofu/full.json in the shared data "
+                           f"folder; Fashion-MNIST: apt-get install dataset-fashion-mnist); found: {', '.join(found)}")
     found = {k: v for k, v in found.items() if datasets is None or k in datasets}
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -338,11 +342,43 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+TASKS = ("mnist", "fashion-mnist", LM_TASK)
+
+
+def _names(given, known: tuple, what: str) -> tuple | None:
+    """None (all), or the names of a list or a comma-separated string (`--tasks mnist,tofu-lm`), in `known` order."""
+    if given is None:
+        return None
+    names = [t.strip() for t in (given.split(",") if isinstance(given, str) else given) if t.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise ExpungeError(f"unknown {what} {unknown or names!r} for bench dp-optimizers-long; choose among "
+                           f"{', '.join(known)}")
+    return tuple(n for n in known if n in names)
+
+
 def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None,
-         **kw) -> list[dict]:
-    """`repeats` caps the seeds at epsilon 1 (3 by default; other epsilons use one)."""
+         tasks=None, methods=None, **kw) -> list[dict]:
+    """`repeats` caps the seeds at epsilon 1 (3 by default; other epsilons use one). `tasks` (datasets: mnist,
+    fashion-mnist, tofu-lm) and `methods` (default all) narrow the run; with `tasks`, the other datasets' rows
+    already in ``json_out`` are kept (their provenance in settings.kept_rows)."""
+    chosen = _names(tasks, TASKS, "task(s)")
+    picked = _names(methods, ORDER, "method(s)")
     seeds_at = {eps: seeds[:max(1, repeats)] for eps, seeds in SEEDS_AT.items()}
+    if chosen is not None:
+        kw["datasets"] = chosen
+    if picked is not None:
+        kw["methods"] = picked
     rows = run(data_dir, limit=limit, progress=progress, console=console, seeds_at=seeds_at, **kw)
     settings = {"worker_threads": 1, "workers": kw.get("workers", WORKERS),
                 "seeds_at": {str(eps): list(seeds) for eps, seeds in seeds_at.items()}}
+    if chosen is not None and Path(json_out).exists():
+        earlier, provenance = read_results(json_out)
+        kept = [r for r in earlier if r["dataset"] not in chosen]
+        if kept:
+            rows = kept + rows
+            settings["kept_rows"] = {"datasets": sorted({r["dataset"] for r in kept}), "runs": len(kept),
+                                     "provenance": provenance,
+                                     "note": f"kept from the earlier {Path(json_out).name}; this run's provenance is "
+                                             f"that of the {', '.join(chosen)} rows only"}
     return report(rows, json_out, table, plot, console, settings=settings)

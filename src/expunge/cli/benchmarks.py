@@ -51,10 +51,12 @@ def bench(
     repeats: Optional[int] = typer.Option(None, help=REPEATS_HELP),
     limit: Optional[int] = typer.Option(None, help="Train on the first N rows only (a quick smoke run)."),
     device: str = typer.Option("cpu", help="cpu, or cuda for the benchmarks that run on a GPU (dp-lm)."),
-    tasks: Optional[str] = typer.Option(None, help="Benchmarks with several tasks (gen): run only these, comma-separated "
-                                        "(e.g. tofu-qa); the other tasks' rows already in --json are kept."),
-    methods: Optional[str] = typer.Option(None, help="Benchmarks that compare methods (llm-unlearning): run only "
-                                          "these, comma-separated, e.g. ngdiff,npo (default: all)."),
+    tasks: Optional[str] = typer.Option(None, help="Benchmarks with several tasks (gen, dp-optimizers-long): run only "
+                                        "these, comma-separated (e.g. tofu-qa); the other tasks' rows already in --json "
+                                        "are kept."),
+    methods: Optional[str] = typer.Option(None, help="Benchmarks that compare methods (llm-unlearning, "
+                                          "dp-optimizers-long): run only these, comma-separated, e.g. ngdiff,npo "
+                                          "(default: all)."),
 ):
     """Run a benchmark side by side with its baseline: prints a table, writes JSON (rows and provenance) and a
     plot."""
