@@ -12,11 +12,9 @@ from .shared_data import DATA, needs
 
 
 def test_tasks_and_methods_are_checked_by_name():
-    assert bench._names(None, bench.TASKS, "task(s)") is None
-    assert bench._names("tofu-lm, mnist", bench.TASKS, "task(s)") == ("mnist", "tofu-lm")  # in the benchmark's order
-    with pytest.raises(ExpungeError, match=r"unknown task\(s\) \['cifar'\].*mnist, fashion-mnist, tofu-lm"):
-        bench._names("mnist,cifar", bench.TASKS, "task(s)")
-    with pytest.raises(ExpungeError, match="unknown method"):
+    with pytest.raises(ExpungeError, match=r"--tasks: unknown task\(s\) \['cifar'\].*mnist, fashion-mnist, tofu-lm"):
+        bench.main(DATA, "unused.json", tasks="mnist,cifar")
+    with pytest.raises(ExpungeError, match="--methods: unknown method"):
         bench.main(DATA, "unused.json", methods="sgd")
 
 

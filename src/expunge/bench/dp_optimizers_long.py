@@ -72,6 +72,7 @@ import numpy as np
 
 from ..errors import ExpungeError
 from . import dp_mnist, dp_optimizers, dp_tiny_lm, read_results, report
+from .choices import chosen as choose
 
 EPSILONS = (1.0, 3.0, 8.0)
 LM_TASK = "tofu-lm"
@@ -345,25 +346,13 @@ def plot(rows: list[dict], path: Path) -> None:
 TASKS = ("mnist", "fashion-mnist", LM_TASK)
 
 
-def _names(given, known: tuple, what: str) -> tuple | None:
-    """None (all), or the names of a list or a comma-separated string (`--tasks mnist,tofu-lm`), in `known` order."""
-    if given is None:
-        return None
-    names = [t.strip() for t in (given.split(",") if isinstance(given, str) else given) if t.strip()]
-    unknown = sorted(set(names) - set(known))
-    if unknown or not names:
-        raise ExpungeError(f"unknown {what} {unknown or names!r} for bench dp-optimizers-long; choose among "
-                           f"{', '.join(known)}")
-    return tuple(n for n in known if n in names)
-
-
 def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None,
          tasks=None, methods=None, **kw) -> list[dict]:
     """`repeats` caps the seeds at epsilon 1 (3 by default; other epsilons use one). `tasks` (datasets: mnist,
     fashion-mnist, tofu-lm) and `methods` (default all) narrow the run; with `tasks`, the other datasets' rows
     already in ``json_out`` are kept (their provenance in settings.kept_rows)."""
-    chosen = _names(tasks, TASKS, "task(s)")
-    picked = _names(methods, ORDER, "method(s)")
+    chosen = None if tasks is None else choose(tasks, TASKS, "--tasks", "task(s)", "dp-optimizers-long")
+    picked = None if methods is None else choose(methods, ORDER, "--methods", "method(s)", "dp-optimizers-long")
     seeds_at = {eps: seeds[:max(1, repeats)] for eps, seeds in SEEDS_AT.items()}
     if chosen is not None:
         kw["datasets"] = chosen

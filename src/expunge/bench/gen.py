@@ -108,6 +108,7 @@ import numpy as np
 
 from ..errors import ExpungeError
 from . import read_results, report
+from .choices import chosen
 from .dp_optimizers import (
     sources,  # MNIST from the data folder, Fashion-MNIST from its Debian package
 )
@@ -404,13 +405,7 @@ def jobs_for(found: dict, lm: bool = False) -> list[dict]:
 def check_tasks(tasks) -> tuple[str, ...]:
     """The tasks to run, in TASKS order: None means all of them; names may come as a list or one comma-separated
     string (`--tasks mnist,tofu-qa`)."""
-    if tasks is None:
-        return TASKS
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-    unknown = sorted(set(names) - set(TASKS))
-    if unknown or not names:
-        raise ExpungeError(f"unknown task(s) {unknown or names!r} for bench gen; choose among {', '.join(TASKS)}")
-    return tuple(t for t in TASKS if t in names)
+    return chosen(tasks, TASKS, "--tasks", "task(s)", "gen")
 
 
 def run(data_dir, limit: int | None = None, progress: bool = True, console=None, workers: int = 2,

@@ -84,6 +84,7 @@ from pathlib import Path
 import numpy as np
 
 from . import report
+from .choices import chosen
 from ..errors import ExpungeError
 
 METHOD_ORDER = ("ascent", "graddiff", "npo", "simnpo", "ngdiff")
@@ -408,14 +409,8 @@ def _estimate(console, settings: Settings, data, is_forget, methods=RUN_ORDER) -
 def select_methods(methods=None) -> tuple[str, ...]:
     """The methods a run updates with, in run order: all of them (None), or those named (a list or a
     comma-separated string)."""
-    if methods is None:
-        return RUN_ORDER
-    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
-    unknown = sorted(set(names) - set(RUN_ORDER))
-    if unknown or not names:
-        raise ExpungeError(f"--methods: unknown or no method(s) {unknown}; name some of {', '.join(METHOD_ORDER)}, "
-                           "comma-separated (target and retrain always run: forget quality needs the retrained model)")
-    return tuple(m for m in RUN_ORDER if m in names)
+    return chosen(methods, RUN_ORDER, "--methods", "method(s)", "llm-unlearning", shown=METHOD_ORDER,
+                  note="target and retrain always run: forget quality needs the retrained model")
 
 
 def run(data_dir, quick: bool = False, progress: bool = True, console=None, muse: bool = True,
