@@ -250,35 +250,47 @@ def table(rows: list[dict]):
     return t
 
 
-def plot(rows: list[dict], path: Path, methods=METHODS, title: str = "") -> None:
+def unit(metric: str) -> tuple[float, str]:
+    """How a metric is shown: (scale, axis label): accuracy in %, any other metric (perplexity) as it is."""
+    return (100.0, "test accuracy (%)") if metric == "test_acc" else (1.0, f"held-out {metric} (lower is better)")
+
+
+def plot(rows: list[dict], path: Path, methods=METHODS, title: str = "", baseline: str = "dp-sgd", stats=None,
+         titles: dict | None = None) -> None:
+    """One panel per dataset, its metric against epsilon per method (mean, std bars). `stats`: summary rows (default
+    `summary(rows)`), each with its "metric" (default test accuracy); accuracy panels zoom on `baseline` and name
+    the methods far below it in the legend. `titles`: a panel title per dataset (default the name + `title`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = summary(rows, methods)
-    names = sorted({r["dataset"] for r in rows})
+    stats = summary(rows, methods) if stats is None else stats
+    names = sorted({s["dataset"] for s in stats})
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], names):
-        # zoom on where DP-SGD lies: methods far below it are named in the legend with their range instead
-        base = [100 * s["mean"] for s in stats if s["dataset"] == dataset and s["method"] == "dp-sgd"]
-        floor = (min(base) - 6) if base else 0
-        for method in methods:
-            pts = [s for s in stats if s["dataset"] == dataset and s["method"] == method]
+        mine = [s for s in stats if s["dataset"] == dataset]
+        scale, label = unit(mine[0].get("metric", "test_acc"))
+        base = [scale * s["mean"] for s in mine if s["method"] == baseline]
+        floor = min(base) - 6 if base and scale == 100 else None  # zoom on where the baseline lies
+        for k, method in enumerate(methods):
+            pts = [s for s in mine if s["method"] == method]
             if not pts:
                 continue
-            eps = [s["epsilon"] for s in pts]
-            means = [100 * s["mean"] for s in pts]
-            label = method if min(means) >= floor else f"{method} (off scale: {min(means):.0f}-{max(means):.0f}%)"
-            ax.errorbar(eps, means, yerr=[100 * s["std"] for s in pts], marker="o", capsize=3, label=label)
-        if base:
-            ax.set_ylim(floor, max(100 * s["mean"] for s in stats if s["dataset"] == dataset) + 1.5)
+            means = [scale * s["mean"] for s in pts]
+            name = method if floor is None or min(means) >= floor else f"{method} (off scale: {min(means):.0f}-{max(means):.0f}%)"
+            ax.errorbar([s["epsilon"] for s in pts], means, yerr=[scale * s["std"] for s in pts], marker="o",
+                        capsize=3, label=name, color=f"C{k}")  # a method keeps its colour in every panel
+        if floor is not None:
+            ax.set_ylim(floor, max(scale * s["mean"] for s in mine) + 1.5)
+        elif scale != 100:
+            ax.set_yscale("log")  # perplexities differ by factors
         ax.set_xscale("log", base=2)
-        ticks = sorted({s["epsilon"] for s in stats if s["dataset"] == dataset})
+        ticks = sorted({s["epsilon"] for s in mine})
         ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
         ax.set_xlabel("epsilon (delta 1e-5)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{dataset}{title}")
+        ax.set_ylabel(label)
+        ax.set_title((titles or {}).get(dataset, f"{dataset}{title}"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

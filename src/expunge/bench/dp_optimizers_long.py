@@ -266,11 +266,6 @@ def summary(rows: list[dict]) -> list[dict]:
     return [dict(s, metric=metric[s["dataset"]]) for s in dp_optimizers.summary(final, ORDER)]
 
 
-def _unit(metric: str) -> tuple[float, str]:
-    """How a metric is shown: accuracy in %, perplexity as it is."""
-    return (100.0, "test accuracy (%)") if metric == "test_acc" else (1.0, "held-out perplexity (lower is better)")
-
-
 def table(rows: list[dict]):
     from rich.table import Table
 
@@ -283,7 +278,7 @@ def table(rows: list[dict]):
     stats = summary(rows)
     for dataset in sorted({r["dataset"] for r in final}):
         metric = next(r.get("metric", "test_acc") for r in final if r["dataset"] == dataset)
-        scale, label = _unit(metric)
+        scale, label = dp_optimizers.unit(metric)
         epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in final if r["dataset"] == dataset}))
         for method in [m for m in ORDER if any(r["method"] == m and r["dataset"] == dataset for r in final)]:
             cells = []
@@ -304,43 +299,11 @@ def table(rows: list[dict]):
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """One panel per dataset: its metric against epsilon per method (mean, std bars); accuracy panels zoom on plain
-    DP-SGD and name the methods far below it in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stats = summary(rows)
-    names = sorted({s["dataset"] for s in stats})
-    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
-    for ax, dataset in zip(axes[0], names):
-        mine = [s for s in stats if s["dataset"] == dataset]
-        scale, label = _unit(mine[0]["metric"])
-        base = [scale * s["mean"] for s in mine if s["method"] == "dp-sgd-plain"]
-        floor = min(base) - 6 if base and scale == 100 else None
-        for method in ORDER:
-            pts = [s for s in mine if s["method"] == method]
-            if not pts:
-                continue
-            means = [scale * s["mean"] for s in pts]
-            name = method if floor is None or min(means) >= floor else f"{method} (off scale: {min(means):.0f}-{max(means):.0f}%)"
-            ax.errorbar([s["epsilon"] for s in pts], means, yerr=[scale * s["std"] for s in pts], marker="o",
-                        capsize=3, label=name)
-        if floor is not None:
-            ax.set_ylim(floor, max(scale * s["mean"] for s in mine) + 1.5)
-        ax.set_xscale("log", base=2)
-        ticks = sorted({s["epsilon"] for s in mine})
-        ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
-        ax.set_xlabel("epsilon (delta 1e-5)")
-        ax.set_ylabel(label)
-        epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in rows if r["dataset"] == dataset and not r.get("tuning")}))
-        ax.set_title(f"{dataset}, {epochs} epochs, lr tuned per method")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """One panel per dataset (accuracy or perplexity against epsilon), accuracy zoomed on plain DP-SGD."""
+    final = [r for r in rows if not r.get("tuning")]
+    titles = {d: f"{d}, {'/'.join(str(e) for e in sorted({r['epochs'] for r in final if r['dataset'] == d}))} epochs, "
+                 "lr tuned per method" for d in {r["dataset"] for r in final}}
+    dp_optimizers.plot(final, path, ORDER, baseline="dp-sgd-plain", stats=summary(rows), titles=titles)
 
 
 TASKS = ("mnist", "fashion-mnist", LM_TASK)
