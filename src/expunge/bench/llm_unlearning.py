@@ -56,10 +56,10 @@ epochs of batches of 2 + 2 (4 steps). Rows: ``benchmark`` = muse-news, ``method`
 ``privleak_auc``, ``privleak``, ``seconds``, ``retrain_seconds``, ``param_dist_to_retrain``.
 
 Plan (SmolLM2 measured on this machine at ~50 / ~90 tokens per second training full / LoRA and ~440 forward
-with both cores idle; one thread is taken as ~0.6 of that): fine-tuning the target 40 rows x 63 tokens x 4
-epochs and the reference half that (15k tokens); 10 updates of 10 steps x 4 rows (25k tokens); 12 TOFU
-evaluations of ~12k forward tokens and ~35 greedy answers each; the MUSE case; loading: ~20 CPU-minutes of one
-idle thread. The run prints its own estimate first. Results (README, with the tables): benchmarks/results/llm-unlearning.json (commit 65f9e2a,
+with both cores idle; one thread is taken as ~0.6 of that): fine-tuning the target on 340 rows x ~63 tokens x 4
+epochs (~86k tokens) and the reference on its 300 retained rows (~76k); 10 updates of 20 steps x 4 rows (~50k
+tokens); 12 TOFU evaluations of ~12k forward tokens and ~55 greedy answers each; the MUSE case; loading: the run
+prints its own estimate first (84 minutes of one thread, measured). Results (README, with the tables): benchmarks/results/llm-unlearning.json (commit 65f9e2a,
 84 min, NGDiff estimating its rate at every step): target FQ 0.0068 / MU 0.292, retrained 1 / 0.327 in 822 s;
 NGDiff 2e-4 FQ 0.919 / MU 0.311 (the Pareto front with SimNPO 2e-4) at 8.6x, the baselines 11x-31x (NPO 2e-4's
 7.5x overlapped another job); benchmarks/results/llm-unlearning-ngdiff.json (``--methods ngdiff,npo``, commit
