@@ -127,6 +127,15 @@ def accuracy(model: nn.Module, data) -> float:
     return correct / len(y)
 
 
+def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+    """The recipe's optimizer (Adam, or SGD with its momentum) at its rate."""
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
+    raise ExpungeError(f"unknown optimizer {recipe.optimizer!r}; use 'sgd' or 'adam'")
+
+
 def run_epsilon(train, test, epsilon: float, recipe: Recipe, seed: int = 0, progress: bool = False,
                 curve: bool = False, transforms=None, epochs_run: int | None = None) -> dict:
     """Train the CNN privately at `epsilon` and return the benchmark row (with the per-epoch test accuracy
@@ -136,12 +145,7 @@ def run_epsilon(train, test, epsilon: float, recipe: Recipe, seed: int = 0, prog
     torch.manual_seed(seed)
     n = len(train[1])
     model = cnn()
-    if recipe.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    elif recipe.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
-    else:
-        raise ExpungeError(f"unknown optimizer {recipe.optimizer!r}; use 'sgd' or 'adam'")
+    optimizer = make_optimizer(model.parameters(), recipe)
     engine = make_private(model, optimizer, train, target_epsilon=epsilon, target_delta=DELTA, epochs=recipe.epochs,
                           max_grad_norm=recipe.max_grad_norm, batch_size=recipe.batch_size, clip_fn=recipe.clip_fn,
                           seed=seed, transforms=transforms)

@@ -83,6 +83,7 @@ from .choices import chosen as choose
 
 EPSILONS = (1.0, 3.0, 8.0)
 LM_TASK = "tofu-lm"
+TASKS = ("mnist", "fashion-mnist", LM_TASK)
 SEEDS_AT = {1.0: (0, 1, 2)}  # other epsilons: seed 0 only
 TUNE_EPSILON = 1.0
 TUNE_EPOCHS = 10
@@ -311,9 +312,6 @@ def plot(rows: list[dict], path: Path) -> None:
     titles = {d: f"{d}, {'/'.join(str(e) for e in sorted({r['epochs'] for r in final if r['dataset'] == d}))} epochs, "
                  "lr tuned per method" for d in {r["dataset"] for r in final}}
     dp_optimizers.plot(final, path, ORDER, baseline="dp-sgd-plain", stats=summary(rows), titles=titles)
-
-
-TASKS = ("mnist", "fashion-mnist", LM_TASK)
 
 
 def main(data_dir, json_out, repeats: int = 3, limit: int | None = None, progress: bool = True, console=None,

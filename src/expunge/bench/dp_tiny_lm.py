@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import ExpungeError
 from . import dp_mnist
@@ -78,22 +77,11 @@ def load(spec, limit: int | None):
     return Rows(setup.tokenizer, setup.data), Rows(setup.tokenizer, encode(test, setup.tokenizer, MAX_LENGTH))
 
 
-@torch.no_grad()
 def heldout_loss(model, rows: Rows, batch: int = 32) -> float:
     """Answer-token NLL (nats per token) over all held-out rows, token-weighted; inf when not finite."""
-    from ..lm.train import target_nll
+    from ..lm.scoring import token_logprobs
 
-    data = rows.data
-    was = model.training
-    model.eval()
-    try:
-        nll = tokens = 0.0
-        for i in range(0, len(data), batch):
-            total, counts = target_nll(model, data.batch(np.arange(i, min(i + batch, len(data)))))
-            nll, tokens = nll + float(total.double().sum()), tokens + int(counts.sum())
-    finally:
-        model.train(was)
-    loss = nll / tokens
+    loss = float(-np.concatenate(token_logprobs(model, rows.data, batch)).mean())
     return loss if math.isfinite(loss) else math.inf
 
 
@@ -106,10 +94,7 @@ def train(train, test, epsilon: float, recipe: dp_mnist.Recipe, seed: int = 0, t
     from ..privacy import make_private
 
     model = _model(train, seed)
-    if recipe.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
+    optimizer = dp_mnist.make_optimizer(model.parameters(), recipe)
     engine = make_private(model, optimizer, train.data, target_epsilon=epsilon, target_delta=dp_mnist.DELTA,
                           epochs=recipe.epochs, max_grad_norm=recipe.max_grad_norm, batch_size=recipe.batch_size,
                           clip_fn=recipe.clip_fn, seed=seed, transforms=transforms, loss_reduction="mean")
